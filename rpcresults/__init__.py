@@ -1,0 +1,18 @@
+"""rpcresults: the result side of RPC over AMQP, wire-compatible with Celery's ``rpc://`` backend."""
+from __future__ import annotations
+
+from . import exceptions, states
+from ._drain import USING_EXTENSION
+from .app import App, default_app
+from .exceptions import (BacklogLimitExceeded, ImproperlyConfigured, ReplyQueueLost, ResultEvicted,
+                         SecurityError, TimeoutError)
+from .result import AsyncResult, EagerResult, GroupResult, ResultSet, result_from_tuple
+
+__version__ = '0.1.0'
+
+__all__ = (
+    'App', 'default_app', 'AsyncResult', 'EagerResult', 'ResultSet', 'GroupResult',
+    'result_from_tuple', 'states', 'exceptions', 'USING_EXTENSION', 'TimeoutError',
+    'BacklogLimitExceeded', 'SecurityError', 'ReplyQueueLost', 'ResultEvicted', 'ImproperlyConfigured',
+    '__version__',
+)

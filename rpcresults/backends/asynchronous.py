@@ -1,0 +1,322 @@
+"""Waiting on a consumer instead of polling: AsyncBackendMixin, BaseResultConsumer, drainers.
+
+Many threads may wait on one consumer at once. One of them at a time (the
+leader) reads the socket; every reply it reads is routed by the state table to
+the waiter it belongs to, which is woken through its own event. When the leader
+is done it wakes the others so one of them takes over. Nobody holds a lock
+around a whole wait, and nobody polls.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
+                    Set, Tuple, Type)
+
+from .. import states
+from .._drain import StateTable, Waiter
+from ..exceptions import ResultEvicted, TimeoutError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..result import AsyncResult, ResultSet
+
+__all__ = ('AsyncBackendMixin', 'BaseResultConsumer', 'Drainer', 'drainers', 'register_drainer',
+           'error_meta')
+
+Meta = Dict[str, Any]
+
+drainers: Dict[str, Type['Drainer']] = {}
+
+
+def register_drainer(name: str) -> Callable[[Type['Drainer']], Type['Drainer']]:
+    """Register a drainer class for an environment (``default``, ``eventlet``, ``gevent``, ...)."""
+    def _register(cls: Type['Drainer']) -> Type['Drainer']:
+        drainers[name] = cls
+        return cls
+    return _register
+
+
+def detect_environment() -> str:
+    """The concurrency environment this process runs in (``default`` unless monkey-patched)."""
+    import sys
+    for name in ('eventlet', 'gevent'):
+        module = sys.modules.get(name)
+        if module is None:
+            continue
+        patcher = sys.modules.get(f'{name}.patcher') or sys.modules.get(f'{name}.monkey')
+        is_patched = getattr(patcher, 'is_monkey_patched', None) or getattr(patcher, 'is_module_patched', None)
+        try:
+            if is_patched is not None and is_patched('socket'):
+                return name
+        except Exception:  # a library we do not control: treat as unpatched
+            continue
+    return 'default'
+
+
+def error_meta(task_id: str, error: BaseException) -> Meta:
+    """A FAILURE meta carrying an error we produced for this task (malformed reply, eviction)."""
+    return {'task_id': task_id, 'status': states.FAILURE, 'result': error, 'traceback': None,
+            'children': None, 'date_done': None}
+
+
+@register_drainer('default')
+class Drainer:
+    """Drives a consumer for waiters in threads: one leader reads, the others sleep on events."""
+
+    def __init__(self, consumer: 'BaseResultConsumer') -> None:
+        self.consumer = consumer
+        self._leader = threading.Lock()
+        self._sleepers: Set[threading.Event] = set()
+        self._sleepers_lock = threading.Lock()
+
+    def wait(self, waiter: Waiter, deadline: Optional[float],
+             on_interval: Optional[Callable[[], Any]] = None) -> bool:
+        """Until ``waiter`` has something (ready ids, an error, nothing left): True; False at deadline."""
+        event = threading.Event()
+        waiter.wake = event.set
+        with self._sleepers_lock:
+            self._sleepers.add(event)
+        has_news = lambda: bool(waiter.bucket) or waiter.error is not None or waiter.done  # noqa: E731
+        first = True
+        try:
+            while True:
+                event.clear()
+                if has_news():
+                    return True
+                now = time.monotonic()
+                if not first and deadline is not None and now >= deadline:
+                    return False
+                first = False
+                if self._leader.acquire(blocking=False):
+                    try:
+                        self.consumer.drain_events_until(has_news, deadline)
+                    finally:
+                        self._leader.release()
+                        self._wake_sleepers()
+                else:
+                    event.wait(None if deadline is None else max(deadline - now, 0.0))
+                if on_interval is not None:
+                    on_interval()
+        finally:
+            waiter.wake = None
+            with self._sleepers_lock:
+                self._sleepers.discard(event)
+
+    def drain_now(self, limit: Optional[int] = None) -> Tuple[int, bool]:
+        """Read what the socket already holds, without blocking, unless another thread is reading."""
+        if not self._leader.acquire(blocking=False):
+            return 0, True
+        try:
+            return self.consumer.drain_available(limit)
+        finally:
+            self._leader.release()
+            self._wake_sleepers()
+
+    def _wake_sleepers(self) -> None:
+        with self._sleepers_lock:
+            sleepers = list(self._sleepers)
+        for event in sleepers:
+            event.set()
+
+
+class BaseResultConsumer:
+    """Reads replies into the state table; subclasses own the transport (``drain_events``)."""
+
+    def __init__(self, backend: Any, app: Any, accept: Any, table: StateTable) -> None:
+        self.backend = backend
+        self.app = app
+        self.accept = accept
+        self.table = table
+        self.drainer: Drainer = drainers[detect_environment()](self)
+
+    # -- the transport (subclasses) ----------------------------------------------------------
+    def start(self) -> None:
+        """Connect and begin consuming (idempotent)."""
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """Stop consuming and release the connection."""
+
+    def drain_events(self, timeout: Optional[float] = None) -> None:
+        """Block up to ``timeout`` for replies and dispatch what arrives."""
+        raise NotImplementedError
+
+    def drain_available(self, limit: Optional[int] = None) -> Tuple[int, bool]:
+        """Dispatch replies already received, without blocking: ``(count, exhausted)``."""
+        raise NotImplementedError
+
+    def consume_from(self, task_id: str) -> None:
+        """Make sure replies for ``task_id`` are consumed (one queue serves every id)."""
+        self.start()
+
+    def cancel_for(self, task_id: str) -> None:
+        """Nothing to cancel per task: the reply queue is shared by every id."""
+
+    def on_after_fork(self) -> None:
+        """Forget the parent's connection and state in a forked child."""
+        self.table.clear()
+
+    # -- waiting -----------------------------------------------------------------------------
+    def drain_events_until(self, until: Callable[[], bool], deadline: Optional[float]) -> None:
+        """Dispatch replies until ``until()`` holds or ``deadline`` passes (at least one pass)."""
+        while True:
+            self.drain_available()
+            if until():
+                return
+            if deadline is None:
+                remaining: Optional[float] = None
+            else:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+            self.drain_events(timeout=remaining)
+            if until():
+                return
+
+    def track(self, result: 'AsyncResult') -> None:
+        """Keep ``result``'s id tracked while the result object lives."""
+        table = self.table
+        if result.__dict__.get('_tracked_by') is not table:
+            table.track(result.id, result)
+            result._tracked_by = table
+
+    def iter_ready(self, results: Sequence['AsyncResult'], timeout: Optional[float] = None,
+                   on_message: Optional[Callable[[Meta], Any]] = None,
+                   on_interval: Optional[Callable[[], Any]] = None) -> Iterator[Tuple[str, Meta]]:
+        """``(task_id, meta)`` for each distinct id as its final state arrives (arrival order)."""
+        by_id: Dict[str, List['AsyncResult']] = {}
+        for result in results:
+            by_id.setdefault(result.id, []).append(result)
+        waiting: List[str] = []
+        for task_id, same in by_id.items():
+            cached = same[0]._cache
+            if cached is not None:
+                yield task_id, cached
+            else:
+                waiting.append(task_id)
+                self.track(same[0])
+        if not waiting:
+            return
+        self.start()
+        waiter = Waiter(on_message)
+        table = self.table
+        cache_limit = self.backend._cache.limit
+        table.watch(waiter, waiting)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while True:
+                bucket = waiter.bucket
+                while bucket:
+                    task_id, meta = bucket.popleft()
+                    if isinstance(meta, BaseException):
+                        meta = error_meta(task_id, meta)
+                    for result in by_id[task_id]:
+                        result._maybe_set_cache(meta)
+                    if cache_limit:
+                        self.backend._cache[task_id] = meta
+                    yield task_id, meta
+                if waiter.error is not None:
+                    raise waiter.error
+                if waiter.done:
+                    return
+                if not self.drainer.wait(waiter, deadline, on_interval):
+                    raise TimeoutError('The operation timed out.')
+        finally:
+            table.unwatch(waiter, waiting)
+
+    def current_meta(self, result: 'AsyncResult', limit: Optional[int] = 65536) -> Meta:
+        """The newest state of ``result`` after reading what already arrived (never blocks)."""
+        self.track(result)
+        self.start()
+        self.drainer.drain_now(limit)
+        return self.lookup(result.id)
+
+    def lookup(self, task_id: str) -> Meta:
+        """The table's newest state for ``task_id`` as a meta (PENDING when nothing arrived)."""
+        try:
+            meta = self.table.meta(task_id)
+        except ResultEvicted as exc:
+            return error_meta(task_id, exc)
+        if meta is None:
+            cached = self.backend._cache.get(task_id)
+            if cached is not None:
+                return cached
+            return {'task_id': task_id, 'status': states.PENDING, 'result': None, 'traceback': None,
+                    'children': None, 'date_done': None}
+        if isinstance(meta, BaseException):
+            return error_meta(task_id, meta)
+        return meta
+
+
+class AsyncBackendMixin:
+    """Joins and waits driven by a result consumer (Celery's ``AsyncBackendMixin``)."""
+
+    is_async = True
+    result_consumer: BaseResultConsumer
+
+    def add_pending_result(self, result: 'AsyncResult', weak: bool = False) -> 'AsyncResult':
+        """Track ``result`` so replies for it are kept for it (for as long as it lives)."""
+        self.result_consumer.track(result)
+        return result
+
+    def add_pending_results(self, results: Iterable['AsyncResult'], weak: bool = False) -> None:
+        for result in results:
+            self.add_pending_result(result, weak=weak)
+
+    def remove_pending_result(self, result: 'AsyncResult') -> 'AsyncResult':
+        """Nothing to do: tracking ends by itself when the result object is collected."""
+        self.on_result_fulfilled(result)
+        return result
+
+    def on_result_fulfilled(self, result: 'AsyncResult') -> None:
+        """Called once a waited result is final (hook)."""
+
+    def wait_for_pending(self, result: 'AsyncResult', timeout: Optional[float] = None,
+                         interval: float = 0.5, no_ack: bool = True,
+                         on_message: Optional[Callable[[Meta], Any]] = None,
+                         on_interval: Optional[Callable[[], Any]] = None,
+                         callback: Optional[Callable[..., Any]] = None, propagate: bool = True) -> Any:
+        """Block until ``result`` is final, then return its value (or raise its exception)."""
+        for _ in self.result_consumer.iter_ready([result], timeout=timeout, on_message=on_message,
+                                                 on_interval=on_interval):
+            pass
+        self.on_result_fulfilled(result)
+        return result.maybe_throw(callback=callback, propagate=propagate)
+
+    def iter_native(self, result: 'ResultSet', timeout: Optional[float] = None, interval: float = 0.5,
+                    no_ack: bool = True, on_message: Optional[Callable[[Meta], Any]] = None,
+                    on_interval: Optional[Callable[[], Any]] = None) -> Iterator[Tuple[str, Any]]:
+        """``(task_id, meta)`` for each member as it becomes final; nested sets yield their members."""
+        from ..result import ResultSet
+        leaves = []
+        for node in result.results:
+            if isinstance(node, ResultSet):
+                yield getattr(node, 'id', None), node.results  # type: ignore[misc]
+            else:
+                leaves.append(node)
+        yield from self.result_consumer.iter_ready(leaves, timeout=timeout, on_message=on_message,
+                                                   on_interval=on_interval)
+
+    def current_meta(self, result: 'AsyncResult') -> Meta:
+        """The newest known state of ``result`` (reads what already arrived, never blocks)."""
+        return self.result_consumer.current_meta(result)
+
+    def watch_then(self, result: 'AsyncResult') -> None:
+        """Fire ``result``'s ``then()`` callbacks from whichever thread reads its final reply."""
+        consumer = self.result_consumer
+        consumer.track(result)
+        waiter = Waiter()
+
+        def on_news() -> None:
+            while waiter.bucket:
+                task_id, meta = waiter.bucket.popleft()
+                if isinstance(meta, BaseException):
+                    meta = error_meta(task_id, meta)
+                result._maybe_set_cache(meta)
+            if waiter.error is not None and result._cache is None:
+                result._maybe_set_cache(error_meta(result.id, waiter.error))
+
+        waiter.wake = on_news
+        consumer.table.watch(waiter, [result.id])
+        if waiter.bucket:
+            on_news()

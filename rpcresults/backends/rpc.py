@@ -1,0 +1,403 @@
+"""The RPC result backend: results travel as messages to the client's own reply queue.
+
+Client side, :class:`ResultConsumer` declares the reply queue (durable, not
+auto-delete, ``x-expires``), consumes it with manual acks (acked only once a
+reply is in the state table), reconnects and re-consumes after connection
+loss, and reports :class:`ReplyQueueLost` when the queue vanished with results
+pending. Worker side, :class:`RPCBackend` publishes each state to the request's
+``reply_to`` in Celery's exact format.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+import uuid
+from typing import Any, Dict, List, Optional, Tuple
+
+import kombu
+from kombu.common import maybe_declare
+
+from .. import _fork, serialization
+from .._consume import ReplyChannel, detach_after_fork, reply_channel_for
+from .._drain import StateTable
+from ..exceptions import BacklogLimitExceeded, ReplyQueueLost
+from . import base
+from .asynchronous import AsyncBackendMixin, BaseResultConsumer
+
+__all__ = ('RPCBackend', 'ResultConsumer', 'BacklogLimitExceeded')
+
+logger = logging.getLogger(__name__)
+
+E_NO_GROUPS = ('The rpc:// result backend keeps no stored state, so it cannot {op} a group; '
+               'use a key-value backend such as redis:// for saved groups.')
+
+#: Replies dispatched between two ack flushes while a burst is being read.
+ACK_BATCH = 1024
+
+
+class ResultConsumer(BaseResultConsumer):
+    """Consumes this client's reply queue into the state table; survives connection loss."""
+
+    def __init__(self, backend: 'RPCBackend', app: Any, accept: Any, table: StateTable) -> None:
+        super().__init__(backend, app, accept, table)
+        self._connection: Any = None
+        self._replies: Optional[ReplyChannel] = None
+        self._queue_cancelled = False
+        self._start_lock = threading.RLock()
+        self._connection_errors: Tuple[type, ...] = ()
+        self._consumer_tag = ''
+        self._heartbeat_due = 0.0
+        self.reconnects = 0
+        self.queues_lost = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self, initial_task_id: Optional[str] = None, no_ack: bool = True, **kwargs: Any) -> None:
+        """Connect, declare the reply queue and consume it (does nothing when already consuming)."""
+        if self._replies is not None:
+            return
+        with self._start_lock:
+            if self._replies is None:
+                self._connect(reconnect=False)
+
+    def stop(self) -> None:
+        """Ack what was handled, cancel the consumer and close the connection."""
+        with self._start_lock:
+            replies, self._replies = self._replies, None
+            connection, self._connection = self._connection, None
+            if replies is not None:
+                try:
+                    replies.flush_acks()
+                    replies.cancel()
+                except Exception:  # closing anyway: a dead connection cannot ack
+                    logger.debug('could not ack/cancel while stopping', exc_info=True)
+            if connection is not None:
+                try:
+                    connection.release()
+                except Exception:
+                    logger.debug('error while closing the reply connection', exc_info=True)
+
+    def on_after_fork(self) -> None:
+        super().on_after_fork()
+        self._start_lock = threading.RLock()
+        detach_after_fork(self._connection)
+        self._connection = None
+        self._replies = None
+        self.drainer = type(self.drainer)(self)
+
+    def consume_from(self, task_id: str) -> None:
+        self.start()
+
+    def _connect(self, reconnect: bool) -> None:
+        conf = self.app.conf
+        connection = self.app.connection()
+        connection.ensure_connection(max_retries=conf.broker_connection_max_retries,
+                                     interval_start=0, interval_step=0.5, interval_max=2)
+        self._connection_errors = tuple(connection.connection_errors) + tuple(connection.channel_errors)
+        channel = connection.channel()
+        queue_name = self.backend.oid
+        lost = False
+        if reconnect:
+            try:
+                channel.queue_declare(queue=queue_name, passive=True)
+            except connection.channel_errors:
+                lost = True
+                channel = connection.channel()  # the failed passive declare closed the old one
+        self.backend.binding(channel).declare()
+        replies = reply_channel_for(channel, self.table.deliver_body, self._on_cancel)
+        self._consumer_tag = f'rpcresults-{uuid.uuid4()}'
+        replies.consume(queue_name, self._consumer_tag)
+        self._connection = connection
+        self._replies = replies
+        self._queue_cancelled = False
+        heartbeat = connection.heartbeat or 0
+        self._heartbeat_due = time.monotonic() + heartbeat / 4 if heartbeat else float('inf')
+        if lost:
+            self._report_queue_lost('the reply queue was gone when the connection came back')
+
+    def _on_cancel(self, consumer_tag: str) -> None:
+        self._queue_cancelled = True
+
+    def _report_queue_lost(self, detail: str) -> None:
+        self.queues_lost += 1
+        lost = self.table.fail_pending(lambda ids: ReplyQueueLost(ids, detail))
+        if lost:
+            logger.error('reply queue %s lost with %d result(s) pending: %s',
+                         self.backend.oid, len(lost), detail)
+
+    def _recover(self, exc: Optional[BaseException]) -> None:
+        """Drop the broken connection and build a new one (re-declare, re-consume)."""
+        self.reconnects += 1
+        logger.warning('reply consumer for %s lost its connection (%r); reconnecting',
+                       self.backend.oid, exc)
+        with self._start_lock:
+            old, self._connection = self._connection, None
+            self._replies = None
+            if old is not None:
+                try:
+                    old.collect()
+                except Exception:
+                    logger.debug('error while discarding the broken connection', exc_info=True)
+            self._connect(reconnect=True)
+
+    def _requeue_after_cancel(self) -> None:
+        """The broker cancelled our consumer (queue deleted): re-declare, re-consume, report."""
+        replies = self._replies
+        self._queue_cancelled = False
+        if replies is None:
+            return
+        self.backend.binding(replies.channel).declare()
+        replies.consume(self.backend.oid, f'rpcresults-{uuid.uuid4()}')
+        self._report_queue_lost('the reply queue was deleted by the broker')
+
+    # -- reading -----------------------------------------------------------------------------
+    def _drain_once(self, timeout: Optional[float]) -> bool:
+        """One read; True when something was dispatched, False on timeout."""
+        if self._replies is None:
+            self.start()
+        try:
+            self._connection.drain_events(timeout=timeout)
+            return True
+        except socket.timeout:
+            return False
+        except self._connection_errors as exc:
+            self._recover(exc)
+            return True
+        except OSError as exc:
+            self._recover(exc)
+            return True
+        finally:
+            if self._queue_cancelled:
+                self._requeue_after_cancel()
+
+    def drain_available(self, limit: Optional[int] = None) -> Tuple[int, bool]:
+        """Dispatch what already arrived (non-blocking), then ack it: ``(count, exhausted)``."""
+        count = 0
+        exhausted = True
+        try:
+            while True:
+                if limit is not None and count >= limit:
+                    exhausted = False
+                    break
+                if not self._drain_once(0):
+                    break
+                count += 1
+                if count % ACK_BATCH == 0:
+                    self._flush_acks()
+        finally:
+            self._flush_acks()
+        return count, exhausted
+
+    def drain_events(self, timeout: Optional[float] = None) -> None:
+        """Block up to ``timeout`` (sliced for heartbeats) for a reply and dispatch it."""
+        connection = self._connection
+        if self._replies is None or connection is None:
+            self.start()
+            connection = self._connection
+        heartbeat = connection.heartbeat or 0
+        if heartbeat:
+            slice_ = heartbeat / 4
+            timeout = slice_ if timeout is None else min(timeout, slice_)
+        self._drain_once(timeout)
+        self._flush_acks()
+        if heartbeat and time.monotonic() >= self._heartbeat_due:
+            self._heartbeat_due = time.monotonic() + heartbeat / 4
+            try:
+                self._connection.heartbeat_check()
+            except self._connection_errors as exc:
+                self._recover(exc)
+
+    def _flush_acks(self) -> None:
+        replies = self._replies
+        if replies is None or not replies.unacked:
+            return
+        try:
+            replies.flush_acks()
+        except self._connection_errors as exc:
+            # unacked replies are redelivered after reconnect; the table ignores repeats
+            self._recover(exc)
+
+    def stats(self) -> Dict[str, int]:
+        replies = self._replies
+        return {'reconnects': self.reconnects, 'queues_lost': self.queues_lost,
+                'acked': replies.acked if replies is not None else 0}
+
+
+class RPCBackend(base.Backend, AsyncBackendMixin):
+    """Result backend over AMQP reply queues (Celery's ``rpc://``, wire-compatible)."""
+
+    Exchange = kombu.Exchange
+    Producer = kombu.Producer
+    ResultConsumer = ResultConsumer
+    BacklogLimitExceeded = BacklogLimitExceeded
+
+    persistent = False
+    supports_autoexpire = True
+    supports_native_join = True
+
+    class Queue(kombu.Queue):
+        """The reply queue; its declaration may be cached per connection."""
+
+    def __init__(self, app: Any = None, connection: Any = None, exchange: Optional[str] = None,
+                 exchange_type: Optional[str] = None, persistent: Optional[bool] = None,
+                 serializer: Optional[str] = None, auto_delete: bool = False, url: Optional[str] = None,
+                 **kwargs: Any) -> None:
+        super().__init__(app, serializer=serializer, url=url or 'rpc://', **kwargs)
+        conf = self.app.conf
+        self._connection = connection
+        self.persistent = self.prepare_persistent(persistent)
+        self.delivery_mode = 2 if self.persistent else 1
+        self.exchange = self.Exchange('')  # the default exchange: routing key = queue name
+        self.auto_delete = auto_delete
+        self.reply_queue_expires = self.app.expires_seconds(conf.result_reply_queue_expires)
+        self.oid = self.app.thread_oid
+        self.result_consumer = self.ResultConsumer(self, self.app, self.accept, self._new_table())
+        self._producer_connection: Any = None
+        self._producer: Any = None
+        self._publish_lock = threading.Lock()
+        _fork.register(self)
+
+    def _new_table(self) -> StateTable:
+        conf = self.app.conf
+        accept = self.accept
+        decode = lambda body, ctype, cenc: serialization.decode(body, ctype, cenc, accept)  # noqa: E731
+        return StateTable(decode, buffer_max=conf.result_buffer_max,
+                          keep_late=conf.get('result_keep_late_replies', True))
+
+    # -- the reply queue ---------------------------------------------------------------------
+    def binding(self, channel: Any = None) -> kombu.Queue:
+        """The reply queue: named after this client's oid, reached through the default exchange."""
+        queue = self.Queue(self.oid, self.exchange, self.oid, durable=True,
+                           auto_delete=self.auto_delete, expires=self.reply_queue_expires)
+        return queue(channel) if channel is not None else queue
+
+    def _create_binding(self, task_id: str) -> kombu.Queue:
+        return self.binding()
+
+    def on_task_call(self, producer: Any, task_id: str) -> None:
+        """Declare the reply queue on the request's channel before the request is sent."""
+        maybe_declare(self.binding(producer.channel), retry=True)
+
+    def reply_properties(self, task_id: str) -> Dict[str, str]:
+        """AMQP properties a request for ``task_id`` carries so its replies come here."""
+        return {'reply_to': self.oid, 'correlation_id': task_id}
+
+    def _after_fork(self) -> None:
+        self._cache.clear()
+        self.oid = self.app.thread_oid
+        self.result_consumer.on_after_fork()
+        detach_after_fork(self._producer_connection)
+        self._producer_connection = None
+        self._producer = None
+        self._publish_lock = threading.Lock()
+
+    # -- worker side -------------------------------------------------------------------------
+    def destination_for(self, task_id: str, request: Any) -> Tuple[Optional[str], str]:
+        """``(reply_to, correlation_id)`` for a result of ``task_id`` answering ``request``."""
+        if request is None:
+            raise RuntimeError(
+                f'RPC backend needs the task request (with reply_to) to send the result of {task_id!r}')
+        reply_to = base.request_field(request, 'reply_to')
+        correlation_id = base.request_field(request, 'correlation_id')
+        return reply_to, correlation_id or task_id
+
+    def on_reply_declare(self, task_id: str) -> Optional[List[Any]]:
+        """Entities to declare when sending a result: none, the client owns its queue."""
+        return None
+
+    def _to_result(self, task_id: str, state: str, result: Any, traceback: Optional[str],
+                   request: Any) -> Dict[str, Any]:
+        meta = self._get_result_meta(result=result, state=state, traceback=traceback, request=request)
+        meta['task_id'] = task_id
+        return meta
+
+    def store_result(self, task_id: str, result: Any, state: str, traceback: Optional[str] = None,
+                     request: Any = None, **kwargs: Any) -> Any:
+        """Publish ``state`` for ``task_id`` to the request's reply queue (nothing without reply_to)."""
+        routing_key, correlation_id = self.destination_for(task_id, request)
+        if not routing_key:
+            return result
+        body = self._to_result(task_id, state, self.encode_result(result, state), traceback, request)
+        self._publish(body, routing_key, correlation_id, task_id)
+        return result
+
+    def _publish(self, body: Dict[str, Any], routing_key: str, correlation_id: str, task_id: str) -> None:
+        with self._publish_lock:
+            if self._producer is None:
+                self._producer_connection = self._connection or self.app.connection()
+                self._producer = self.Producer(self._producer_connection, exchange=self.exchange,
+                                               serializer=self.serializer, auto_declare=False)
+            self._producer.publish(
+                body, exchange=self.exchange, routing_key=routing_key, correlation_id=correlation_id,
+                serializer=self.serializer, retry=True, retry_policy=self.retry_policy,
+                declare=self.on_reply_declare(task_id), delivery_mode=self.delivery_mode)
+
+    # -- client side -------------------------------------------------------------------------
+    def get_task_meta(self, task_id: str, backlog_limit: int = 1000) -> Dict[str, Any]:  # type: ignore[override]
+        """Newest state of ``task_id`` after reading up to ``backlog_limit`` waiting replies.
+
+        Every reply read lands in the state table (the newest per id wins, older ones
+        are acked); more than ``backlog_limit`` replies in the way raises
+        :class:`BacklogLimitExceeded`.
+        """
+        consumer = self.result_consumer
+        consumer.start()
+        _, exhausted = consumer.drainer.drain_now(backlog_limit)
+        if not exhausted:
+            raise self.BacklogLimitExceeded(task_id)
+        return consumer.lookup(task_id)
+
+    poll = get_task_meta
+
+    def _get_task_meta_for(self, task_id: str) -> Dict[str, Any]:
+        return self.get_task_meta(task_id)
+
+    def reload_task_result(self, task_id: str) -> Dict[str, Any]:
+        return self.get_task_meta(task_id)
+
+    def on_out_of_band_result(self, task_id: str, meta: Dict[str, Any]) -> None:
+        """Keep a reply nobody waits for yet (it lands in the bounded early-arrival buffer)."""
+        self.result_consumer.table.deliver(task_id, meta)
+
+    def forget(self, task_id: str) -> None:
+        """Drop what this client holds for ``task_id`` (nothing is stored server-side)."""
+        self._cache.pop(task_id, None)
+        self.result_consumer.table.forget(task_id)
+
+    def _forget(self, task_id: str) -> None:
+        self.result_consumer.table.forget(task_id)
+
+    def save_group(self, group_id: str, result: Any) -> Any:
+        raise NotImplementedError(E_NO_GROUPS.format(op='save'))
+
+    def restore_group(self, group_id: str, cache: bool = True) -> Any:
+        raise NotImplementedError(E_NO_GROUPS.format(op='restore'))
+
+    def delete_group(self, group_id: str) -> None:
+        raise NotImplementedError(E_NO_GROUPS.format(op='delete'))
+
+    def get_group_meta(self, group_id: str, cache: bool = True) -> Any:
+        raise NotImplementedError(E_NO_GROUPS.format(op='look up'))
+
+    def ensure_chords_allowed(self) -> None:
+        raise NotImplementedError('The rpc:// result backend does not support chords.')
+
+    def as_uri(self, include_password: bool = True) -> str:
+        return 'rpc://'
+
+    def stats(self) -> Dict[str, int]:
+        """Counters: received, dispatched, buffered, evicted, late, malformed, reconnects, ..."""
+        counters = self.result_consumer.table.counters()
+        counters.update(self.result_consumer.stats())
+        counters['cached'] = len(self._cache)
+        return counters
+
+    def close(self) -> None:
+        """Stop consuming and close both connections."""
+        self.result_consumer.stop()
+        with self._publish_lock:
+            connection, self._producer_connection = self._producer_connection, None
+            self._producer = None
+            if connection is not None and connection is not self._connection:
+                connection.release()

@@ -1,0 +1,97 @@
+"""Every exception rpcresults raises."""
+from __future__ import annotations
+
+import builtins
+from typing import Iterable, Tuple
+
+__all__ = (
+    'RPCResultsError', 'TimeoutError', 'BacklogLimitExceeded', 'SecurityError',
+    'ReplyQueueLost', 'ResultEvicted', 'ImproperlyConfigured', 'NotRegistered',
+    'IncompleteStream', 'ChordError', 'TaskRevokedError', 'MalformedResult',
+    'ContentDisallowed',
+)
+
+from kombu.exceptions import ContentDisallowed  # noqa: E402  (re-exported: refused content types)
+
+
+class RPCResultsError(Exception):
+    """Base class of the errors this library defines."""
+
+
+class TimeoutError(RPCResultsError, builtins.TimeoutError):
+    """The operation timed out (also a builtin ``TimeoutError``, so ``asyncio`` code catches it)."""
+
+
+class BacklogLimitExceeded(RPCResultsError):
+    """Too many messages stood in the way of the wanted task's newest state."""
+
+
+class SecurityError(RPCResultsError):
+    """A payload asked for something we refuse to do (a non-exception class, an unlisted codec)."""
+
+
+class ImproperlyConfigured(RPCResultsError):
+    """The configuration is invalid or incomplete."""
+
+
+class NotRegistered(RPCResultsError, KeyError):
+    """A name was looked up in a registry that does not hold it."""
+
+
+class IncompleteStream(RPCResultsError):
+    """The stream ended in the middle of a frame."""
+
+
+class ChordError(RPCResultsError):
+    """A chord could not be completed."""
+
+
+class TaskRevokedError(RPCResultsError):
+    """The task was revoked before it produced a result."""
+
+
+class MalformedResult(RPCResultsError):
+    """A reply for this task could not be decoded into a result mapping."""
+
+    def __init__(self, task_id: str, reason: str) -> None:
+        super().__init__(task_id, reason)
+        self.task_id = task_id
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f'reply for task {self.task_id!r} is malformed: {self.reason}'
+
+
+class _IdsError(RPCResultsError):
+    """An error that names the task ids it concerns."""
+
+    def __init__(self, task_ids: Iterable[str], detail: str = '') -> None:
+        ids: Tuple[str, ...] = tuple(task_ids)
+        super().__init__(ids, detail)
+        self.task_ids = ids
+        self.detail = detail
+
+    def _names(self) -> str:
+        shown = ', '.join(self.task_ids[:10])
+        more = len(self.task_ids) - 10
+        return shown + (f' and {more} more' if more > 0 else '')
+
+
+class ReplyQueueLost(_IdsError):
+    """The reply queue vanished (expired or deleted) while these results were pending.
+
+    Results published into the old queue are gone; results published after the
+    queue was re-declared still arrive, so waiting again is allowed.
+    """
+
+    def __str__(self) -> str:
+        text = f'reply queue was lost while {len(self.task_ids)} result(s) were pending: {self._names()}'
+        return f'{text} ({self.detail})' if self.detail else text
+
+
+class ResultEvicted(_IdsError, LookupError):
+    """These results arrived before anyone waited and were evicted from the bounded buffer."""
+
+    def __str__(self) -> str:
+        return (f'result(s) evicted from the early-arrival buffer before anyone asked for them: '
+                f'{self._names()} (raise result_buffer_max to keep more)')
