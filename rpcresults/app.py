@@ -36,6 +36,7 @@ DEFAULTS: Dict[str, Any] = {
     'result_cache_max': -1,
     'result_buffer_max': 10000,
     'result_extended': False,
+    'result_keep_late_replies': True,
     'result_backend_transport_options': {},
 }
 

@@ -263,7 +263,7 @@ class RPCBackend(base.Backend, AsyncBackendMixin):
         accept = self.accept
         decode = lambda body, ctype, cenc: serialization.decode(body, ctype, cenc, accept)  # noqa: E731
         return StateTable(decode, buffer_max=conf.result_buffer_max,
-                          keep_late=conf.get('result_keep_late_replies', True))
+                          keep_late=conf.result_keep_late_replies)
 
     # -- the reply queue ---------------------------------------------------------------------
     def binding(self, channel: Any = None) -> kombu.Queue:
