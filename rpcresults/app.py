@@ -5,7 +5,7 @@ import os
 import threading
 import uuid
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Dict, Iterable, Optional
 
 from kombu import Connection
 

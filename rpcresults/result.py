@@ -5,7 +5,7 @@ import time
 import weakref
 from collections import deque
 from datetime import datetime
-from typing import (Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple,
+from typing import (Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple,
                     Union)
 
 from . import states

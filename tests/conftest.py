@@ -92,3 +92,12 @@ def request_for(client, task_id: str) -> dict:
 
 def new_id() -> str:
     return str(uuid.uuid4())
+
+
+@pytest.fixture
+def raw(broker_url: str):
+    """A plain py-amqp connection (no kombu) for publishing and inspecting like an outsider."""
+    from tests.helpers import raw_connection
+    conn = raw_connection(broker_url)
+    yield conn
+    conn.close()

@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional,
                     Sequence, Set, Tuple)
 
@@ -449,20 +449,28 @@ class SyncBackendMixin:
     def get_many(self, task_ids: Iterable[str], timeout: Optional[float] = None, interval: float = 0.5,
                  no_ack: bool = True, on_message: Optional[Callable[[Meta], Any]] = None,
                  on_interval: Optional[Callable[[], Any]] = None,
-                 max_iterations: Optional[int] = None) -> Iterator[Tuple[str, Meta]]:
-        """Poll each id until all are ready (stores with a bulk read override this)."""
-        ids = set(task_ids)
+                 max_iterations: Optional[int] = None,
+                 READY_STATES: frozenset = states.READY_STATES) -> Iterator[Tuple[str, Meta]]:
+        """Poll until every id is ready; yields ``(id, meta)`` as each one is (cached ones first)."""
+        ids = list(dict.fromkeys(task_ids))
+        remaining: Set[str] = set(ids)
+        cache = self._cache  # type: ignore[attr-defined]
+        for task_id in ids:
+            cached = cache.get(task_id)
+            if cached is not None and cached.get('status') in READY_STATES:
+                remaining.discard(task_id)
+                yield task_id, cached
         deadline = None if timeout is None else time.monotonic() + timeout
         iterations = 0
-        while ids:
-            for task_id in list(ids):
-                meta = self.get_task_meta(task_id)  # type: ignore[attr-defined]
+        while remaining:
+            for task_id, meta in self._poll_round(remaining).items():
                 if on_message is not None:
                     on_message(meta)
-                if meta.get('status') in states.READY_STATES:
-                    ids.discard(task_id)
+                if meta.get('status') in READY_STATES:
+                    cache[task_id] = meta
+                    remaining.discard(task_id)
                     yield task_id, meta
-            if not ids:
+            if not remaining:
                 return
             iterations += 1
             if max_iterations is not None and iterations >= max_iterations:
@@ -470,6 +478,11 @@ class SyncBackendMixin:
             if on_interval is not None:
                 on_interval()
             _sleep_until(deadline, interval)
+
+    def _poll_round(self, task_ids: Set[str]) -> Dict[str, Meta]:
+        """One polling round: the current meta of each id (stores with a bulk read override this)."""
+        return {task_id: self.get_task_meta(task_id, cache=False)  # type: ignore[attr-defined]
+                for task_id in list(task_ids)}
 
     def wait_for_pending(self, result: 'AsyncResult', timeout: Optional[float] = None,
                          interval: float = 0.5, no_ack: bool = True,
@@ -583,39 +596,10 @@ class KeyValueStoreBackend(BaseBackend):
         return {self._strip_prefix(key): self.decode_result(value)
                 for key, value in zip(keys, values) if value}
 
-    def get_many(self, task_ids: Iterable[str], timeout: Optional[float] = None, interval: float = 0.5,
-                 no_ack: bool = True, on_message: Optional[Callable[[Meta], Any]] = None,
-                 on_interval: Optional[Callable[[], Any]] = None,
-                 max_iterations: Optional[int] = None,
-                 READY_STATES: frozenset = states.READY_STATES) -> Iterator[Tuple[str, Meta]]:
-        """Poll with one ``mget`` per round until every id is ready; yields ``(id, meta)`` as each is."""
-        ids = list(dict.fromkeys(task_ids))
-        remaining: Set[str] = set(ids)
-        for task_id in ids:
-            cached = self._cache.get(task_id)
-            if cached is not None and cached.get('status') in READY_STATES:
-                remaining.discard(task_id)
-                yield task_id, cached
-        deadline = None if timeout is None else time.monotonic() + timeout
-        iterations = 0
-        while remaining:
-            keys = [self.get_key_for_task(task_id) for task_id in remaining]
-            found = self._mget_to_results(self.mget(keys), keys)
-            for task_id, meta in found.items():
-                if on_message is not None:
-                    on_message(meta)
-                if meta.get('status') in READY_STATES:
-                    self._cache[task_id] = meta
-                    remaining.discard(task_id)
-                    yield task_id, meta
-            if not remaining:
-                return
-            iterations += 1
-            if max_iterations is not None and iterations >= max_iterations:
-                return
-            if on_interval is not None:
-                on_interval()
-            _sleep_until(deadline, interval)
+    def _poll_round(self, task_ids: Set[str]) -> Dict[str, Meta]:
+        """One ``mget`` for every id still waited for."""
+        keys = [self.get_key_for_task(task_id) for task_id in task_ids]
+        return self._mget_to_results(self.mget(keys), keys)
 
     # -- groups ------------------------------------------------------------------------------
     def _save_group(self, group_id: str, result: 'GroupResult') -> None:

@@ -14,7 +14,6 @@ import threading
 import time
 from datetime import datetime, timezone
 from typing import Any, Callable, Dict, List, Optional
-from urllib.parse import unquote, urlparse
 
 import amqp
 import pytest
@@ -41,22 +40,7 @@ class Evil:
 
 
 # -- helpers ----------------------------------------------------------------------------------------
-def raw_connection(broker_url: str) -> amqp.Connection:
-    url = urlparse(broker_url)
-    vhost = unquote(url.path[1:]) if len(url.path) > 1 else '/'
-    conn = amqp.Connection(host=f'{url.hostname or "localhost"}:{url.port or 5672}',
-                           userid=unquote(url.username or 'guest'),
-                           password=unquote(url.password or 'guest'),
-                           virtual_host=vhost or '/')
-    conn.connect()
-    return conn
 
-
-@pytest.fixture
-def raw(broker_url: str):
-    conn = raw_connection(broker_url)
-    yield conn
-    conn.close()
 
 
 @pytest.fixture

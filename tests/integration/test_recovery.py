@@ -29,6 +29,7 @@ from rpcresults.exceptions import ReplyQueueLost, TimeoutError
 
 from ..conftest import make_app, new_id, request_for
 from ..proxy import TcpProxy
+from tests.helpers import wait_until
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -36,17 +37,6 @@ def broker_address(url: str) -> Tuple[str, int]:
     parts = urlsplit(url)
     return parts.hostname or 'localhost', parts.port or 5672
 
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.002) -> Any:
-    """Poll ``predicate`` until it is truthy (returns its value); fail after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f'gave up waiting for {what} after {timeout} s')
-        time.sleep(interval)
 
 
 class Call(threading.Thread):

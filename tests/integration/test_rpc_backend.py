@@ -19,7 +19,6 @@ import time
 from datetime import timedelta
 from types import SimpleNamespace
 from typing import Any, Callable, Dict, List, Optional, Tuple
-from urllib.parse import unquote, urlparse
 
 import amqp
 import kombu
@@ -28,6 +27,7 @@ import pytest
 from rpcresults import AsyncResult, GroupResult, ResultSet, states
 from rpcresults.backends.rpc import RPCBackend, ResultConsumer
 from rpcresults.exceptions import BacklogLimitExceeded, ResultEvicted, TaskRevokedError, TimeoutError
+from tests.helpers import wait_until
 from tests.conftest import make_app, new_id, request_for
 
 WAIT = 10.0  # generous upper bound for anything that should take milliseconds
@@ -38,17 +38,6 @@ class BillingError(Exception):
 
 
 # -- helpers ----------------------------------------------------------------------------------------
-def raw_connection(broker_url: str) -> amqp.Connection:
-    """A plain py-amqp connection to the broker behind ``broker_url`` (no kombu in between)."""
-    url = urlparse(broker_url)
-    vhost = unquote(url.path[1:]) if len(url.path) > 1 else '/'
-    conn = amqp.Connection(host=f'{url.hostname or "localhost"}:{url.port or 5672}',
-                           userid=unquote(url.username or 'guest'),
-                           password=unquote(url.password or 'guest'),
-                           virtual_host=vhost or '/')
-    conn.connect()
-    return conn
-
 
 def queue_state(conn: amqp.Connection, name: str) -> Optional[Tuple[int, int]]:
     """``(ready messages, consumers)`` of queue ``name`` by a passive declare; None when it does not exist."""
@@ -68,17 +57,6 @@ def redeclare(conn: amqp.Connection, name: str, **kwargs: Any) -> Any:
     channel.close()
     return ok
 
-
-def wait_until(predicate: Callable[[], Any], timeout: float = WAIT, what: str = 'condition') -> Any:
-    """Poll ``predicate`` (broker-side state has no event to wait on) until true or the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f'gave up after {timeout} s waiting for {what}')
-        time.sleep(0.005)
 
 
 def pump_until(backend: RPCBackend, predicate: Callable[[], bool], timeout: float = WAIT,
@@ -101,11 +79,6 @@ def basic_get_wait(conn: amqp.Connection, queue: str) -> amqp.Message:
     return message
 
 
-@pytest.fixture
-def raw(broker_url: str):
-    conn = raw_connection(broker_url)
-    yield conn
-    conn.close()
 
 
 @pytest.fixture

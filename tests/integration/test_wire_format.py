@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 import uuid
 from datetime import date, datetime, timezone
 from decimal import Decimal
 from typing import Any, Callable, Dict, List, Optional, Tuple
-from urllib.parse import unquote, urlparse
 
 import amqp
 import kombu
@@ -27,6 +25,7 @@ from celery.result import ResultSet as CeleryResultSet
 
 from rpcresults import ResultSet, states
 from rpcresults.result import AsyncResult as OurAsyncResult
+from tests.helpers import wait_until
 from tests.conftest import new_id
 
 pytestmark = pytest.mark.celery
@@ -49,33 +48,8 @@ class BillingError(Exception):
 
 
 # -- helpers ----------------------------------------------------------------------------------------
-def raw_connection(broker_url: str) -> amqp.Connection:
-    url = urlparse(broker_url)
-    vhost = unquote(url.path[1:]) if len(url.path) > 1 else '/'
-    conn = amqp.Connection(host=f'{url.hostname or "localhost"}:{url.port or 5672}',
-                           userid=unquote(url.username or 'guest'),
-                           password=unquote(url.password or 'guest'),
-                           virtual_host=vhost or '/')
-    conn.connect()
-    return conn
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = WAIT, what: str = 'condition') -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f'gave up after {timeout} s waiting for {what}')
-        time.sleep(0.005)
-
-
-@pytest.fixture
-def raw(broker_url: str):
-    conn = raw_connection(broker_url)
-    yield conn
-    conn.close()
 
 
 @pytest.fixture
