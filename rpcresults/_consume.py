@@ -1,17 +1,24 @@
-"""Reply-queue consumption on a kombu channel, reduced to ``on_reply(...)`` calls plus acks.
+"""Reply-queue consumption on a kombu channel: replies into the state table, plus acks.
 
-Two adapters with one interface: py-amqp channels (the real broker) hand us the
-raw ``amqp.Message`` and we batch acks with ``multiple=True``; kombu's virtual
-channels (``memory://`` and friends) build their own message objects and ack
-one tag at a time. Neither builds a kombu ``Message`` on the AMQP path.
+Two adapters with one interface. On a py-amqp channel over plain TCP we read
+the socket ourselves in large chunks (``recv_into`` a reusable buffer), feed
+the sans-I/O frame parser, hand our deliveries to the state table in batches
+and every other frame to py-amqp's own frame handler, so py-amqp keeps the
+connection, heartbeats and channel state; acks are batched with
+``multiple=True``. Elsewhere (TLS, kombu's virtual transports such as
+``memory://``) the transport reads and we receive one message at a time.
 """
 from __future__ import annotations
 
 import logging
 import os
+import socket
 from typing import Any, Callable, List, Optional
 
 import amqp
+from amqp.transport import TCPTransport
+
+from ._drain import FrameParser
 
 logger = logging.getLogger(__name__)
 
@@ -20,17 +27,32 @@ __all__ = ('ReplyChannel', 'reply_channel_for', 'detach_after_fork')
 OnReply = Callable[[Optional[str], Optional[str], Optional[str], bytes], Any]
 OnCancel = Callable[[str], Any]
 
+#: Size of the reusable receive buffer of the fast path.
+CHUNK_SIZE = 256 * 1024
+
 
 class ReplyChannel:
     """Consume one queue on one channel, feeding ``on_reply``; ack what it has handled."""
 
-    def __init__(self, channel: Any, on_reply: OnReply, on_cancel: OnCancel) -> None:
+    def __init__(self, channel: Any, table: Any, on_cancel: OnCancel) -> None:
         self.channel = channel
-        self.on_reply = on_reply
+        self.table = table
+        self.on_reply: OnReply = table.deliver_body
         self.on_cancel = on_cancel
         self.consumer_tag: Optional[str] = None
         self.unacked = 0
         self.acked = 0
+
+    def read(self, connection: Any, timeout: Optional[float]) -> bool:
+        """Wait up to ``timeout`` for input and dispatch it; False when nothing came."""
+        try:
+            connection.drain_events(timeout=timeout)
+        except socket.timeout:
+            return False
+        return True
+
+    def settle(self) -> None:
+        """Leave the connection at a frame boundary so py-amqp can read on it (sync calls)."""
 
     def consume(self, queue: str, consumer_tag: str) -> None:
         raise NotImplementedError
@@ -56,25 +78,96 @@ class ReplyChannel:
 
 
 class AmqpReplyChannel(ReplyChannel):
-    """py-amqp channel: raw messages, acks batched with ``multiple=True``."""
+    """py-amqp channel: our own chunked reads and frame parser (plain TCP), batched acks."""
 
-    def __init__(self, channel: Any, on_reply: OnReply, on_cancel: OnCancel) -> None:
-        super().__init__(channel, on_reply, on_cancel)
+    def __init__(self, channel: Any, table: Any, on_cancel: OnCancel) -> None:
+        super().__init__(channel, table, on_cancel)
         self._last_tag = 0
+        self._connection = channel.connection
+        self._transport = self._connection.transport
+        self.fast = (isinstance(self._transport, TCPTransport)
+                     and not os.environ.get('RPCRESULTS_NO_FAST_READ'))
+        self._buffer = bytearray(CHUNK_SIZE)
+        self._view = memoryview(self._buffer)
+        self._parser: Any = None
+        self.chunks = 0
 
     def consume(self, queue: str, consumer_tag: str) -> None:
+        self.settle()
         self._last_tag = 0
         self.unacked = 0
         self.consumer_tag = self.channel.basic_consume(
             queue=queue, consumer_tag=consumer_tag, no_ack=False,
             callback=self._on_message, on_cancel=self.on_cancel)
+        if self._parser is None:
+            self._parser = FrameParser(self.channel.channel_id, self.consumer_tag,
+                                       self._connection.frame_max or 0)
+        else:
+            self._parser.set_consumer_tag(self.consumer_tag)
 
     def _on_message(self, message: amqp.Message) -> None:
+        """A delivery py-amqp read itself (during one of its synchronous calls)."""
         properties = message.properties
         self._handle(properties.get('correlation_id'), properties.get('content_type'),
                      properties.get('content_encoding'), message.body)
         self._last_tag = message.delivery_info['delivery_tag']
         self.unacked += 1
+
+    def read(self, connection: Any, timeout: Optional[float]) -> bool:
+        if not self.fast or self._parser is None:
+            return super().read(connection, timeout)
+        transport = self._transport
+        pending = transport._read_buffer
+        if pending:
+            transport._read_buffer = b''
+            data: Any = pending
+        else:
+            sock = transport.sock
+            if sock is None:
+                raise ConnectionResetError('the reply connection is closed')
+            previous = sock.gettimeout()
+            if previous != timeout:
+                sock.settimeout(timeout)
+            try:
+                count = sock.recv_into(self._buffer)
+            except (socket.timeout, BlockingIOError, InterruptedError):
+                return False
+            finally:
+                if previous != timeout:
+                    sock.settimeout(previous)
+            if not count:
+                raise ConnectionResetError('the broker closed the reply connection')
+            data = self._view[:count]
+        self.chunks += 1
+        self._connection.bytes_recv += 1
+        deliveries, others = self._parser.feed(data)
+        if deliveries:
+            try:
+                self.table.deliver_many(deliveries)
+            except Exception:  # a bug must not wedge the queue: log it, ack, go on
+                logger.exception('error while dispatching %d replies', len(deliveries))
+            self._last_tag = deliveries[-1][0]
+            self.unacked += len(deliveries)
+        if others:
+            on_frame = self._connection.on_inbound_frame
+            for frame in others:
+                on_frame(frame)
+        return True
+
+    def settle(self) -> None:
+        parser = self._parser
+        if parser is None or not self.fast:
+            return
+        while parser.mid_message:
+            if not self.read(self._connection, 10.0):
+                raise ConnectionResetError('a message stopped half way through')
+        remainder = parser.take_remainder()
+        if remainder:
+            self._transport._read_buffer = remainder + self._transport._read_buffer
+
+    def cancel(self) -> None:
+        self.settle()
+        super().cancel()
 
     def flush_acks(self) -> None:
         if self.unacked:
@@ -86,8 +179,8 @@ class AmqpReplyChannel(ReplyChannel):
 class VirtualReplyChannel(ReplyChannel):
     """kombu virtual channel (``memory://``, Redis transport, ...): acks one tag at a time."""
 
-    def __init__(self, channel: Any, on_reply: OnReply, on_cancel: OnCancel) -> None:
-        super().__init__(channel, on_reply, on_cancel)
+    def __init__(self, channel: Any, table: Any, on_cancel: OnCancel) -> None:
+        super().__init__(channel, table, on_cancel)
         self._tags: List[Any] = []
 
     def consume(self, queue: str, consumer_tag: str) -> None:
@@ -111,11 +204,11 @@ class VirtualReplyChannel(ReplyChannel):
         self.unacked = 0
 
 
-def reply_channel_for(channel: Any, on_reply: OnReply, on_cancel: OnCancel) -> ReplyChannel:
+def reply_channel_for(channel: Any, table: Any, on_cancel: OnCancel) -> ReplyChannel:
     """The adapter that fits ``channel``."""
     if isinstance(channel, amqp.Channel):
-        return AmqpReplyChannel(channel, on_reply, on_cancel)
-    return VirtualReplyChannel(channel, on_reply, on_cancel)
+        return AmqpReplyChannel(channel, table, on_cancel)
+    return VirtualReplyChannel(channel, table, on_cancel)
 
 
 def detach_after_fork(connection: Any) -> None:

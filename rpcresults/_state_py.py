@@ -13,19 +13,36 @@ Thread-safe: one lock guards every structure; user callbacks run outside it.
 """
 from __future__ import annotations
 
+import json
+import json.scanner
 import logging
 import threading
 import weakref
 from collections import deque
-from typing import Any, Callable, Deque, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from .exceptions import ContentDisallowed, MalformedResult, ResultEvicted
 
 logger = logging.getLogger('rpcresults.state')
 
-__all__ = ('StateTable', 'Waiter', 'READY_STATES')
+__all__ = ('StateTable', 'Waiter', 'READY_STATES', 'index_results', 'fill_values')
 
 READY_STATES = frozenset({'SUCCESS', 'FAILURE', 'REVOKED'})
+
+_decoder = json.JSONDecoder()
+_json_decode = _decoder.decode
+_json_scan = json.scanner.make_scanner(_decoder)
+
+
+def fast_json(text: str) -> Any:
+    """``json.loads(text)`` through the C scanner directly; the full decoder handles the rest."""
+    try:
+        value, end = _json_scan(text, 0)
+    except StopIteration:
+        return _json_decode(text)  # leading white space, or not JSON: its own error
+    if end != len(text):
+        return _json_decode(text)  # trailing white space, or extra data: its own error
+    return value
 
 #: How often (in evictions) the eviction warning repeats after the first.
 EVICTION_WARN_EVERY = 1000
@@ -94,8 +111,9 @@ class StateTable:
     """Newest state per tracked task id, the early-arrival buffer, and the counters."""
 
     def __init__(self, decode: Optional[Decoder] = None, buffer_max: int = 10000,
-                 keep_late: bool = True) -> None:
+                 keep_late: bool = True, fast_json: bool = False) -> None:
         self._decode = decode
+        self._fast_json = fast_json
         self.buffer_max = max(int(buffer_max), 0)
         self.keep_late = keep_late
         self._lock = threading.Lock()
@@ -119,19 +137,26 @@ class StateTable:
     # -- tracking ----------------------------------------------------------------------------
     def track(self, task_id: str, owner: Any) -> None:
         """Keep ``task_id`` tracked while ``owner`` (a result object) lives; claim a buffered reply."""
-        ref = _OwnerRef(owner, self._on_collected)
-        ref.task_id = task_id
+        self.track_many(((task_id, owner),))
+
+    def track_many(self, pairs: Iterable[Tuple[str, Any]]) -> None:
+        """``track(task_id, owner)`` for each pair, under one lock."""
+        on_collected = self._on_collected
         with self._lock:
             self._reap()
-            entry = self._tracked.get(task_id)
-            if entry is None:
-                entry = self._tracked[task_id] = _Entry()
-                self._abandoned.pop(task_id, None)
-                if task_id in self._early:
-                    entry.meta = self._early.pop(task_id)
-                elif task_id in self._evicted:
-                    entry.meta = ResultEvicted([task_id])
-            entry.owners.append(ref)
+            tracked = self._tracked
+            for task_id, owner in pairs:
+                ref = _OwnerRef(owner, on_collected)
+                ref.task_id = task_id
+                entry = tracked.get(task_id)
+                if entry is None:
+                    entry = tracked[task_id] = _Entry()
+                    self._abandoned.pop(task_id, None)
+                    if task_id in self._early:
+                        entry.meta = self._early.pop(task_id)
+                    elif task_id in self._evicted:
+                        entry.meta = ResultEvicted([task_id])
+                entry.owners.append(ref)
 
     def untrack(self, task_id: str) -> None:
         """Stop tracking ``task_id`` now (all owners); its waiters are detached."""
@@ -237,7 +262,12 @@ class StateTable:
                      content_encoding: Optional[str], body: bytes) -> bool:
         """Decode one raw reply and dispatch it; returns False when it was dropped as malformed."""
         try:
-            payload = self._decode(body, content_type, content_encoding)  # type: ignore[misc]
+            if (self._fast_json and content_type == 'application/json'
+                    and (content_encoding == 'utf-8' or content_encoding is None)
+                    and b'"__type__"' not in body):
+                payload = fast_json(body.decode('utf-8'))  # kombu's result: no type markers to revive
+            else:
+                payload = self._decode(body, content_type, content_encoding)  # type: ignore[misc]
         except ContentDisallowed as exc:
             return self.deliver_error(correlation_id, exc, f'refused content type {content_type!r}')
         except Exception as exc:  # any codec error is the sender's fault, not ours
@@ -259,6 +289,14 @@ class StateTable:
             payload['task_id'] = task_id
         self.deliver(task_id, payload)
         return True
+
+    def deliver_many(self, deliveries: Iterable[Tuple[int, Optional[str], Optional[str], Optional[str], bytes]]) -> int:
+        """Dispatch parsed deliveries ``(tag, correlation_id, content_type, content_encoding, body)``."""
+        count = 0
+        for _, correlation_id, content_type, content_encoding, body in deliveries:
+            self.deliver_body(correlation_id, content_type, content_encoding, body)
+            count += 1
+        return count
 
     def deliver_error(self, task_id: Optional[str], error: Optional[BaseException], reason: str) -> bool:
         """A reply that cannot become a meta: its waiters get ``error``; else a counted, logged drop."""
@@ -367,3 +405,44 @@ class StateTable:
             self._evicted.clear()
             self._abandoned.clear()
             self._collected.clear()
+
+
+def index_results(results: Sequence[Any]) -> Tuple[Dict[str, List[Any]], Dict[str, List[int]]]:
+    """``(results by id, member positions by id)`` for a join (duplicate ids share one entry)."""
+    by_id: Dict[str, List[Any]] = {}
+    positions: Dict[str, List[int]] = {}
+    for index, result in enumerate(results):
+        task_id = result.id
+        same = by_id.get(task_id)
+        if same is None:
+            by_id[task_id] = [result]
+            positions[task_id] = [index]
+        else:
+            same.append(result)
+            positions[task_id].append(index)
+    return by_id, positions
+
+
+def fill_values(bucket: Deque[Tuple[str, Any]], by_id: Dict[str, List[Any]],
+                positions: Dict[str, List[int]], values: List[Any], cache: Any) -> Optional[Tuple[str, Any]]:
+    """Place plain successes from ``bucket`` into ``values``; stop at the first other item and return it.
+
+    A plain success (a SUCCESS meta without children) becomes the final state of
+    its results, exactly as ``AsyncResult._maybe_set_cache`` would make it.
+    """
+    while bucket:
+        task_id, meta = bucket.popleft()
+        if type(meta) is not dict or meta.get('status') != 'SUCCESS' or meta.get('children'):
+            return task_id, meta
+        for result in by_id[task_id]:
+            if result._cache is None:
+                if result._then is None:
+                    result._cache = meta
+                else:
+                    result._maybe_set_cache(meta)
+        if cache is not None:
+            cache[task_id] = meta
+        value = meta.get('result')
+        for index in positions[task_id]:
+            values[index] = value
+    return None

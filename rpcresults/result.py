@@ -706,6 +706,11 @@ class ResultSet(ResultBase):
         """Wait for all members at once; values come back in member order (``[]`` when empty)."""
         if not self.results:
             return []
+        backend = self.backend
+        if (callback is None and getattr(backend, 'is_async', False)
+                and all(type(r) is AsyncResult and r._backend is backend for r in self.results)):
+            return backend.result_consumer.join_values(self.results, timeout=timeout, propagate=propagate,
+                                                       on_message=on_message, on_interval=on_interval)
         positions: Dict[Any, List[int]] = {}
         if callback is None:
             for index, result in enumerate(self.results):

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
                     Set, Tuple, Type)
 
 from .. import states
-from .._drain import StateTable, Waiter
-from ..exceptions import ResultEvicted, TimeoutError
+from .._drain import StateTable, Waiter, fill_values, index_results
+from ..exceptions import ResultEvicted, TaskRevokedError, TimeoutError
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..result import AsyncResult, ResultSet
@@ -88,9 +89,11 @@ class Drainer:
                     return False
                 first = False
                 if self._leader.acquire(blocking=False):
+                    waiter.wake = None  # the reader checks its own waiter after every read
                     try:
                         self.consumer.drain_events_until(has_news, deadline)
                     finally:
+                        waiter.wake = event.set
                         self._leader.release()
                         self._wake_sleepers()
                 else:
@@ -180,49 +183,99 @@ class BaseResultConsumer:
             table.track(result.id, result)
             result._tracked_by = table
 
-    def iter_ready(self, results: Sequence['AsyncResult'], timeout: Optional[float] = None,
-                   on_message: Optional[Callable[[Meta], Any]] = None,
-                   on_interval: Optional[Callable[[], Any]] = None) -> Iterator[Tuple[str, Meta]]:
-        """``(task_id, meta)`` for each distinct id as its final state arrives (arrival order)."""
-        by_id: Dict[str, List['AsyncResult']] = {}
-        for result in results:
-            by_id.setdefault(result.id, []).append(result)
+    def _batches(self, by_id: Dict[str, List['AsyncResult']], timeout: Optional[float],
+                 on_message: Optional[Callable[[Meta], Any]],
+                 on_interval: Optional[Callable[[], Any]]) -> Iterator[Any]:
+        """One wait session: yields a deque of ready ``(task_id, meta)`` whenever it has some.
+
+        The consumer empties each deque before resuming. Ids already final come first;
+        the rest are tracked, watched, and unwatched when the session ends (done,
+        timeout, error or abandoned).
+        """
+        table = self.table
+        initial: Any = deque()
         waiting: List[str] = []
+        to_track = []
         for task_id, same in by_id.items():
-            cached = same[0]._cache
+            first = same[0]
+            cached = first._cache
             if cached is not None:
-                yield task_id, cached
+                initial.append((task_id, cached))
             else:
                 waiting.append(task_id)
-                self.track(same[0])
+                if first.__dict__.get('_tracked_by') is not table:
+                    to_track.append((task_id, first))
+        if to_track:
+            table.track_many(to_track)
+            for _, result in to_track:
+                result._tracked_by = table
+        if initial:
+            yield initial
         if not waiting:
             return
         self.start()
         waiter = Waiter(on_message)
-        table = self.table
-        cache_limit = self.backend._cache.limit
         table.watch(waiter, waiting)
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             while True:
-                bucket = waiter.bucket
-                while bucket:
-                    task_id, meta = bucket.popleft()
-                    if isinstance(meta, BaseException):
-                        meta = error_meta(task_id, meta)
-                    for result in by_id[task_id]:
-                        result._maybe_set_cache(meta)
-                    if cache_limit:
-                        self.backend._cache[task_id] = meta
-                    yield task_id, meta
+                if waiter.bucket:
+                    yield waiter.bucket
                 if waiter.error is not None:
                     raise waiter.error
-                if waiter.done:
+                if waiter.done and not waiter.bucket:
                     return
                 if not self.drainer.wait(waiter, deadline, on_interval):
                     raise TimeoutError('The operation timed out.')
         finally:
             table.unwatch(waiter, waiting)
+
+    def _settle(self, by_id: Dict[str, List['AsyncResult']], task_id: str, meta: Any) -> Meta:
+        """Make ``meta`` (or an error) the final state of every result for ``task_id``."""
+        if isinstance(meta, BaseException):
+            meta = error_meta(task_id, meta)
+        for result in by_id[task_id]:
+            result._maybe_set_cache(meta)
+        cache = self.backend._cache
+        if cache.limit:
+            cache[task_id] = meta
+        return meta
+
+    def iter_ready(self, results: Sequence['AsyncResult'], timeout: Optional[float] = None,
+                   on_message: Optional[Callable[[Meta], Any]] = None,
+                   on_interval: Optional[Callable[[], Any]] = None) -> Iterator[Tuple[str, Meta]]:
+        """``(task_id, meta)`` for each distinct id as its final state arrives (arrival order)."""
+        by_id, _ = index_results(results)
+        for bucket in self._batches(by_id, timeout, on_message, on_interval):
+            while bucket:
+                task_id, meta = bucket.popleft()
+                yield task_id, self._settle(by_id, task_id, meta)
+
+    def join_values(self, results: Sequence['AsyncResult'], timeout: Optional[float] = None,
+                    propagate: bool = True, on_message: Optional[Callable[[Meta], Any]] = None,
+                    on_interval: Optional[Callable[[], Any]] = None) -> List[Any]:
+        """Every result's value, in member order (the hot path of ``ResultSet.join_native``).
+
+        Plain successes are placed by the compiled ``fill_values``; anything else
+        (failures, errors, children) comes back here to be settled one by one.
+        """
+        by_id, positions = index_results(results)
+        values: List[Any] = [None] * len(results)
+        cache = self.backend._cache
+        sink = cache if cache.limit else None
+        for bucket in self._batches(by_id, timeout, on_message, on_interval):
+            while bucket:
+                item = fill_values(bucket, by_id, positions, values, sink)
+                if item is None:
+                    break
+                task_id, meta = item
+                meta = self._settle(by_id, task_id, meta)
+                value = by_id[task_id][0]._cache.get('result') if by_id[task_id][0]._cache else meta.get('result')
+                if propagate and meta.get('status') in states.PROPAGATE_STATES:
+                    raise value if isinstance(value, BaseException) else TaskRevokedError(task_id)
+                for index in positions[task_id]:
+                    values[index] = value
+        return values
 
     def current_meta(self, result: 'AsyncResult', limit: Optional[int] = 65536) -> Meta:
         """The newest state of ``result`` after reading what already arrived (never blocks)."""

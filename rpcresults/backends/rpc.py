@@ -10,7 +10,6 @@ pending. Worker side, :class:`RPCBackend` publishes each state to the request's
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import time
 import uuid
@@ -21,7 +20,7 @@ from kombu.common import maybe_declare
 
 from .. import _fork, serialization
 from .._consume import ReplyChannel, detach_after_fork, reply_channel_for
-from .._drain import StateTable
+from .._drain import FrameError, StateTable
 from ..exceptions import BacklogLimitExceeded, ReplyQueueLost
 from . import base
 from .asynchronous import AsyncBackendMixin, BaseResultConsumer
@@ -105,7 +104,7 @@ class ResultConsumer(BaseResultConsumer):
                 lost = True
                 channel = connection.channel()  # the failed passive declare closed the old one
         self.backend.binding(channel).declare()
-        replies = reply_channel_for(channel, self.table.deliver_body, self._on_cancel)
+        replies = reply_channel_for(channel, self.table, self._on_cancel)
         self._consumer_tag = f'rpcresults-{uuid.uuid4()}'
         replies.consume(queue_name, self._consumer_tag)
         self._connection = connection
@@ -147,6 +146,7 @@ class ResultConsumer(BaseResultConsumer):
         self._queue_cancelled = False
         if replies is None:
             return
+        replies.settle()
         self.backend.binding(replies.channel).declare()
         replies.consume(self.backend.oid, f'rpcresults-{uuid.uuid4()}')
         self._report_queue_lost('the reply queue was deleted by the broker')
@@ -157,10 +157,11 @@ class ResultConsumer(BaseResultConsumer):
         if self._replies is None:
             self.start()
         try:
-            self._connection.drain_events(timeout=timeout)
+            return self._replies.read(self._connection, timeout)  # type: ignore[union-attr]
+        except FrameError as exc:
+            logger.error('unreadable input on the reply connection: %s', exc)
+            self._recover(exc)
             return True
-        except socket.timeout:
-            return False
         except self._connection_errors as exc:
             self._recover(exc)
             return True
@@ -175,19 +176,23 @@ class ResultConsumer(BaseResultConsumer):
         """Dispatch what already arrived (non-blocking), then ack it: ``(count, exhausted)``."""
         count = 0
         exhausted = True
+        start = self.table.received
         try:
             while True:
-                if limit is not None and count >= limit:
+                if limit is not None and self._dispatched_since(start) > limit:
                     exhausted = False
                     break
                 if not self._drain_once(0):
                     break
                 count += 1
-                if count % ACK_BATCH == 0:
+                if self._replies is not None and self._replies.unacked >= ACK_BATCH:
                     self._flush_acks()
         finally:
             self._flush_acks()
-        return count, exhausted
+        return self._dispatched_since(start), exhausted
+
+    def _dispatched_since(self, start: int) -> int:
+        return self.table.received - start
 
     def drain_events(self, timeout: Optional[float] = None) -> None:
         """Block up to ``timeout`` (sliced for heartbeats) for a reply and dispatch it."""
@@ -263,7 +268,8 @@ class RPCBackend(base.Backend, AsyncBackendMixin):
         accept = self.accept
         decode = lambda body, ctype, cenc: serialization.decode(body, ctype, cenc, accept)  # noqa: E731
         return StateTable(decode, buffer_max=conf.result_buffer_max,
-                          keep_late=conf.result_keep_late_replies)
+                          keep_late=conf.result_keep_late_replies,
+                          fast_json='application/json' in accept)
 
     # -- the reply queue ---------------------------------------------------------------------
     def binding(self, channel: Any = None) -> kombu.Queue:
