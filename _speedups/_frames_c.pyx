@@ -54,7 +54,10 @@ cdef object _shortstr(const unsigned char* p, Py_ssize_t offset, Py_ssize_t limi
         return _JSON
     if length == 5 and memcmp(p + offset + 1, b'utf-8', 5) == 0:
         return _UTF8
-    return PyUnicode_DecodeUTF8(<const char*>(p + offset + 1), length, 'surrogateescape')
+    try:
+        return PyUnicode_DecodeUTF8(<const char*>(p + offset + 1), length, 'surrogatepass')
+    except UnicodeDecodeError:
+        return PyUnicode_DecodeUTF8(<const char*>(p + offset + 1), length, 'surrogateescape')
 
 
 cdef class FrameParser:
@@ -145,7 +148,7 @@ cdef class FrameParser:
             channel = _be16(p + pos + 1)
             size = _be32(p + pos + 3)
             if self.frame_max and <Py_ssize_t>size + 8 > self.frame_max:
-                raise FrameError(f'frame of {size + 8} bytes exceeds frame_max={self.frame_max}')
+                raise FrameError(f'frame of {<Py_ssize_t>size + 8} bytes exceeds frame_max={self.frame_max}')
             end = pos + 7 + size
             if end >= total:
                 break

@@ -88,6 +88,20 @@ cdef class Waiter:
             self.wake()
 
 
+cdef inline void _notify(Waiter waiter, task_id, meta, bint ready) except *:
+    on_message = waiter.on_message
+    if on_message is not None:
+        try:
+            on_message(meta)
+        except Exception as exc:
+            waiter.fail(exc)
+    if ready:
+        waiter.bucket.append((task_id, meta))
+        waiter.remaining -= 1
+        if waiter.wake is not None:
+            waiter.wake()
+
+
 class _OwnerRef(weakref.ref):
     """Weak reference to a result object that keeps its task id tracked while alive."""
 
@@ -95,16 +109,68 @@ class _OwnerRef(weakref.ref):
 
 
 cdef class _Entry:
-    """A tracked task id: newest meta (or error), live owner refs, attached waiters."""
+    """A tracked task id: newest meta (or error), live owner refs, attached waiters.
+
+    ``owners`` and ``waiters`` hold one object directly and become lists only
+    for two or more: fewer long-lived objects per tracked id, less GC work.
+    """
 
     cdef public object meta
-    cdef public list owners
-    cdef public list waiters
+    cdef object owners
+    cdef object waiters
 
     def __init__(self):
         self.meta = None
-        self.owners = []
-        self.waiters = []
+        self.owners = None
+        self.waiters = None
+
+    cdef inline void add_owner(self, ref) except *:
+        if self.owners is None:
+            self.owners = ref
+        elif type(self.owners) is list:
+            (<list>self.owners).append(ref)
+        else:
+            self.owners = [self.owners, ref]
+
+    cdef inline bint remove_owner(self, ref) except -1:
+        if self.owners is ref:
+            self.owners = None
+            return True
+        if type(self.owners) is list:
+            try:
+                (<list>self.owners).remove(ref)
+            except ValueError:
+                return False
+            if not self.owners:
+                self.owners = None
+            return True
+        return False
+
+    cdef inline void add_waiter(self, waiter) except *:
+        if self.waiters is None:
+            self.waiters = waiter
+        elif type(self.waiters) is list:
+            (<list>self.waiters).append(waiter)
+        else:
+            self.waiters = [self.waiters, waiter]
+
+    cdef inline void remove_waiter(self, waiter) except *:
+        if self.waiters is waiter:
+            self.waiters = None
+        elif type(self.waiters) is list:
+            try:
+                (<list>self.waiters).remove(waiter)
+            except ValueError:
+                pass
+            if not self.waiters:
+                self.waiters = None
+
+    cdef inline list waiter_list(self):
+        if self.waiters is None:
+            return []
+        if type(self.waiters) is list:
+            return list(<list>self.waiters)
+        return [self.waiters]
 
 
 cdef class StateTable:
@@ -176,7 +242,7 @@ cdef class StateTable:
                         entry.meta = self._early.pop(task_id)
                     elif task_id in self._evicted:
                         entry.meta = ResultEvicted([task_id])
-                entry.owners.append(ref)
+                entry.add_owner(ref)
 
     def untrack(self, task_id):
         """Stop tracking ``task_id`` now (all owners); its waiters are detached."""
@@ -195,11 +261,9 @@ cdef class StateTable:
             entry = self._tracked.get(ref.task_id)
             if entry is None:
                 continue
-            try:
-                entry.owners.remove(ref)
-            except ValueError:
+            if not entry.remove_owner(ref):
                 continue
-            if not entry.owners and not entry.waiters:
+            if entry.owners is None and entry.waiters is None:
                 del self._tracked[ref.task_id]
                 if not _is_ready(entry.meta):
                     self._remember(self._abandoned, ref.task_id)
@@ -234,7 +298,7 @@ cdef class StateTable:
             self._early.pop(task_id, None)
             self._evicted.pop(task_id, None)
             entry = self._tracked.get(task_id)
-            if entry is not None and not entry.waiters:
+            if entry is not None and entry.waiters is None:
                 entry.meta = None
 
     # -- waiting -----------------------------------------------------------------------------
@@ -249,7 +313,7 @@ cdef class StateTable:
                 if _is_ready(entry.meta):
                     waiter.bucket.append((task_id, entry.meta))
                 else:
-                    entry.waiters.append(waiter)
+                    entry.add_waiter(waiter)
                     waiter.remaining += 1
 
     def unwatch(self, Waiter waiter, task_ids):
@@ -258,11 +322,8 @@ cdef class StateTable:
         with self._lock:
             for task_id in task_ids:
                 entry = self._tracked.get(task_id)
-                if entry is not None and entry.waiters:
-                    try:
-                        entry.waiters.remove(waiter)
-                    except ValueError:
-                        pass
+                if entry is not None and entry.waiters is not None:
+                    entry.remove_waiter(waiter)
             waiter.remaining = 0
             self._reap()
 
@@ -275,7 +336,7 @@ cdef class StateTable:
             pending = [tid for tid, entry in self._tracked.items() if not _is_ready(entry.meta)]
             for tid in pending:
                 entry = self._tracked[tid]
-                for waiter in entry.waiters:
+                for waiter in entry.waiter_list():
                     per_waiter.setdefault(id(waiter), (waiter, []))[1].append(tid)
         for waiter, ids in per_waiter.values():
             waiter.fail(make_error(ids))
@@ -339,8 +400,8 @@ cdef class StateTable:
             if _is_ready(entry.meta) and not isinstance(entry.meta, BaseException):
                 return False
             entry.meta = error
-            waiters = entry.waiters
-            entry.waiters = []
+            waiters = entry.waiter_list()
+            entry.waiters = None
         for waiter in waiters:
             waiter.bucket.append((task_id, error))
             waiter.remaining -= 1
@@ -351,9 +412,7 @@ cdef class StateTable:
     def deliver(self, task_id, meta):
         """Dispatch one decoded meta: to its tracked entry and waiters, else to the early buffer."""
         cdef _Entry entry
-        cdef Waiter waiter
         cdef bint ready
-        cdef list waiters
         with self._lock:
             self.received += 1
             if self._collected:
@@ -370,22 +429,15 @@ cdef class StateTable:
             entry.meta = meta
             self.dispatched += 1
             waiters = entry.waiters
-            if not waiters:
+            if waiters is None:
                 return
             if ready:
-                entry.waiters = []
-        for waiter in waiters:
-            on_message = waiter.on_message
-            if on_message is not None:
-                try:
-                    on_message(meta)
-                except Exception as exc:
-                    waiter.fail(exc)
-            if ready:
-                waiter.bucket.append((task_id, meta))
-                waiter.remaining -= 1
-                if waiter.wake is not None:
-                    waiter.wake()
+                entry.waiters = None
+        if type(waiters) is list:
+            for waiter in <list>waiters:
+                _notify(<Waiter>waiter, task_id, meta, ready)
+        else:
+            _notify(<Waiter>waiters, task_id, meta, ready)
 
     cdef void _buffer(self, task_id, meta) except *:
         """Keep a reply nobody holds a result for (lock held); evict the oldest past the bound."""

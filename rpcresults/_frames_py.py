@@ -48,7 +48,11 @@ def _shortstr(buf: bytes, offset: int) -> Tuple[str, int]:
     end = offset + 1 + length
     if end > len(buf):
         raise FrameError('short string runs past the end of its frame')
-    return buf[offset + 1:end].decode('utf-8', 'surrogateescape'), end
+    raw = buf[offset + 1:end]
+    try:
+        return raw.decode('utf-8', 'surrogatepass'), end  # as py-amqp reads it
+    except UnicodeDecodeError:  # not UTF-8 at all: keep the bytes recoverable instead of failing
+        return raw.decode('utf-8', 'surrogateescape'), end
 
 
 class FrameParser:
