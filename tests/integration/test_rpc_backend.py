@@ -959,3 +959,19 @@ def test_fork_child_gets_a_new_oid_and_the_parent_keeps_its_connection(app, clie
     worker.mark_as_done(tid, 'parent still fine', request=request_for(client, tid))
     assert AsyncResult(tid, backend=client).get(timeout=WAIT) == 'parent still fine'
     assert client.stats()['reconnects'] == 0
+
+
+def test_state_is_answered_from_the_table_past_a_large_backlog(app, client, worker) -> None:
+    """``state`` reads everything already delivered into the table; it is not
+    ``get_task_meta``'s bounded backlog walk (which raises past ``backlog_limit``)."""
+    assert client.is_async is True
+    client.result_consumer.start()
+    for _ in range(1500):
+        other = new_id()
+        worker.mark_as_done(other, 0, request=request_for(client, other))
+    target = new_id()
+    worker.mark_as_done(target, 'found', request=request_for(client, target))
+    result = app.AsyncResult(target)
+    wait_until(lambda: result.state == 'SUCCESS', what='the target state behind 1,500 replies')
+    assert result.result == 'found'
+    assert client.stats()['buffered'] >= 1500
