@@ -66,7 +66,7 @@ class _Callbacks:
 class ResultBase:
     """Base of every result object."""
 
-    parent: Optional['ResultBase'] = None
+    __slots__ = ()
 
 
 class DependencyGraph:
@@ -113,6 +113,10 @@ class AsyncResult(ResultBase):
 
     TimeoutError = TimeoutError
 
+    # Slots: tens of thousands of these may be pending at once (no per-object __dict__).
+    __slots__ = ('app', 'id', '_backend', '_task_name', 'parent', '_cache', '_then', 'ignored',
+                 '_tracked_by', '__weakref__')
+
     def __init__(self, id: str, backend: Any = None, task_name: Optional[str] = None,
                  app: Optional[App] = None, parent: Optional[ResultBase] = None) -> None:
         if id is None:
@@ -126,6 +130,7 @@ class AsyncResult(ResultBase):
         self._cache: Optional[Meta] = None
         self._then: Optional[_Callbacks] = None
         self.ignored = False
+        self._tracked_by: Any = None
 
     # -- identity ----------------------------------------------------------------------------
     def _default_backend(self) -> Any:
@@ -451,6 +456,8 @@ class AsyncResult(ResultBase):
 class EagerResult(AsyncResult):
     """A result that is already known (a task run locally)."""
 
+    __slots__ = ('_result', '_state', '_traceback')
+
     def __init__(self, id: str, ret_value: Any, state: str, traceback: Optional[str] = None,
                  name: Optional[str] = None, app: Optional[App] = None) -> None:
         super().__init__(id, backend=None, task_name=name, app=app)
@@ -523,6 +530,8 @@ class EagerResult(AsyncResult):
 
 class ResultSet(ResultBase):
     """A list of results, joined together."""
+
+    parent: Optional[ResultBase] = None
 
     def __init__(self, results: Optional[Iterable[ResultBase]] = None, app: Optional[App] = None,
                  ready_barrier: Any = None, **kwargs: Any) -> None:

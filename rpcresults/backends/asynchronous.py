@@ -179,7 +179,7 @@ class BaseResultConsumer:
     def track(self, result: 'AsyncResult') -> None:
         """Keep ``result``'s id tracked while the result object lives."""
         table = self.table
-        if result.__dict__.get('_tracked_by') is not table:
+        if result._tracked_by is not table:
             table.track(result.id, result)
             result._tracked_by = table
 
@@ -203,7 +203,7 @@ class BaseResultConsumer:
                 initial.append((task_id, cached))
             else:
                 waiting.append(task_id)
-                if first.__dict__.get('_tracked_by') is not table:
+                if first._tracked_by is not table:
                     to_track.append((task_id, first))
         if to_track:
             table.track_many(to_track)

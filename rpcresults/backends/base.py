@@ -114,8 +114,6 @@ class Backend:
     supports_autoexpire = False
     #: Results survive a restart of the store.
     persistent = True
-    #: Waiting is driven by a consumer rather than by polling.
-    is_async = False
 
     retry_policy = {'max_retries': 20, 'interval_start': 0, 'interval_step': 1, 'interval_max': 1}
 
@@ -361,12 +359,6 @@ class Backend:
             else:
                 time.sleep(interval)
 
-    def add_pending_result(self, result: 'AsyncResult', weak: bool = False) -> 'AsyncResult':
-        return result
-
-    def remove_pending_result(self, result: 'AsyncResult') -> 'AsyncResult':
-        return result
-
     def on_task_call(self, producer: Any, task_id: str) -> None:
         """Called before a request is published (the RPC backend declares its reply queue)."""
 
@@ -431,6 +423,17 @@ class Backend:
 
 class SyncBackendMixin:
     """Joins for backends that are polled (no consumer)."""
+
+    #: Waiting is driven by polling, not by a consumer.
+    is_async = False
+
+    def add_pending_result(self, result: 'AsyncResult', weak: bool = False) -> 'AsyncResult':
+        """Nothing to register for polled backends."""
+        return result
+
+    def remove_pending_result(self, result: 'AsyncResult') -> 'AsyncResult':
+        """Nothing to unregister for polled backends."""
+        return result
 
     def iter_native(self, result: 'ResultSet', timeout: Optional[float] = None, interval: float = 0.5,
                     no_ack: bool = True, on_message: Optional[Callable[[Meta], Any]] = None,

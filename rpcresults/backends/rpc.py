@@ -240,7 +240,6 @@ class RPCBackend(base.Backend, AsyncBackendMixin):
     persistent = False
     supports_autoexpire = True
     supports_native_join = True
-    is_async = True  # Backend comes first in the bases and says False
 
     class Queue(kombu.Queue):
         """The reply queue; its declaration may be cached per connection."""

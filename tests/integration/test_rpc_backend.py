@@ -975,3 +975,17 @@ def test_state_is_answered_from_the_table_past_a_large_backlog(app, client, work
     wait_until(lambda: result.state == 'SUCCESS', what='the target state behind 1,500 replies')
     assert result.result == 'found'
     assert client.stats()['buffered'] >= 1500
+
+
+def test_add_pending_results_tracks_every_result(app, client, worker) -> None:
+    """The async mixin's registration wins over the polled backends' no-op (MRO)."""
+    results = [app.AsyncResult(new_id()) for _ in range(300)]
+    before = client.stats()['tracked']
+    client.add_pending_results(results)
+    assert client.stats()['tracked'] == before + 300
+    single = app.AsyncResult(new_id())
+    assert client.add_pending_result(single) is single
+    assert client.stats()['tracked'] == before + 301
+    client.result_consumer.start()
+    worker.mark_as_done(single.id, 'ok', request=request_for(client, single.id))
+    assert single.get(timeout=10) == 'ok'
