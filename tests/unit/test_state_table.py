@@ -1,12 +1,11 @@
 """The per-task state table (``StateTable``, ``Waiter``): dispatch, buffering, eviction, weak tracking.
 
 Written against the ``impl`` fixture so the same tests run on every implementation
-(the pure-Python twin today; the compiled module joins the params once it exists).
+(the pure-Python twin and the compiled one, via tests/twins.py).
 """
 from __future__ import annotations
 
 import gc
-import importlib
 import json
 import logging
 import pickle
@@ -20,6 +19,7 @@ import pytest
 
 from rpcresults import serialization
 from rpcresults.exceptions import ContentDisallowed, MalformedResult, ReplyQueueLost, ResultEvicted
+from tests.twins import load_twin
 
 JSON = 'application/json'
 PICKLE = 'application/x-python-serialize'
@@ -27,10 +27,12 @@ PICKLE = 'application/x-python-serialize'
 IMPLEMENTATIONS = {'pure': 'rpcresults._state_py', 'compiled': 'rpcresults._state_c'}
 
 
-@pytest.fixture(params=['pure'])
+@pytest.fixture(params=['pure', 'compiled'])
 def impl(request) -> ModuleType:
-    """The module holding ``StateTable`` and ``Waiter`` for one implementation."""
-    return importlib.import_module(IMPLEMENTATIONS[request.param])
+    """The module holding ``StateTable`` and ``Waiter`` for one implementation (see tests/twins.py)."""
+    module = load_twin(request.param, 'state')
+    assert module.__name__ == IMPLEMENTATIONS[request.param]
+    return module
 
 
 def _decode(body: bytes, content_type: Optional[str], content_encoding: Optional[str]) -> Any:
