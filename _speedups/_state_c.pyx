@@ -11,7 +11,7 @@ import threading
 import weakref
 from collections import deque
 
-from rpcresults.exceptions import ContentDisallowed, MalformedResult, ResultEvicted
+from rpcresults.exceptions import ContentDisallowed, MalformedResult, ReplyQueueLost, ResultEvicted
 
 logger = logging.getLogger('rpcresults.state')
 
@@ -75,6 +75,15 @@ cdef class Waiter:
         self.wake = wake
         self.error = None
 
+    cpdef notify(self):
+        """Call ``wake`` (a driver's callable); its failure is logged, never raised into dispatch."""
+        wake = self.wake
+        if wake is not None:
+            try:
+                wake()
+            except Exception:
+                logger.exception('a waiter wake-up callback failed')
+
     @property
     def done(self):
         """Nothing more to wait for: every id is in the bucket (or was taken from it)."""
@@ -84,8 +93,7 @@ cdef class Waiter:
         """Hand ``error`` to this waiter and wake it."""
         if self.error is None:
             self.error = error
-        if self.wake is not None:
-            self.wake()
+        self.notify()
 
 
 cdef inline void _notify(Waiter waiter, task_id, meta, bint ready) except *:
@@ -98,8 +106,7 @@ cdef inline void _notify(Waiter waiter, task_id, meta, bint ready) except *:
     if ready:
         waiter.bucket.append((task_id, meta))
         waiter.remaining -= 1
-        if waiter.wake is not None:
-            waiter.wake()
+        waiter.notify()
 
 
 class _OwnerRef(weakref.ref):
@@ -207,7 +214,7 @@ cdef class StateTable:
         self._early = {}
         self._evicted = {}
         self._abandoned = {}
-        self._remember_max = max(self.buffer_max, 1024)
+        self._remember_max = max(10 * self.buffer_max, 1024)
         self._collected = deque()
         self._on_collected = self._collected.append
         self.received = 0
@@ -312,6 +319,8 @@ cdef class StateTable:
                     raise KeyError(f'task {task_id!r} is not tracked; track() it before watch()')
                 if _is_ready(entry.meta):
                     waiter.bucket.append((task_id, entry.meta))
+                    if isinstance(entry.meta, ReplyQueueLost):
+                        entry.meta = None
                 else:
                     entry.add_waiter(waiter)
                     waiter.remaining += 1
@@ -338,6 +347,8 @@ cdef class StateTable:
                 entry = self._tracked[tid]
                 for waiter in entry.waiter_list():
                     per_waiter.setdefault(id(waiter), (waiter, []))[1].append(tid)
+                if entry.waiters is None:
+                    entry.meta = make_error([tid])
         for waiter, ids in per_waiter.values():
             waiter.fail(make_error(ids))
         return pending
@@ -381,7 +392,10 @@ cdef class StateTable:
         cdef Py_ssize_t count = 0
         cdef tuple item
         for item in deliveries:
-            self.deliver_body(item[1], item[2], item[3], item[4])
+            try:
+                self.deliver_body(item[1], item[2], item[3], item[4])
+            except Exception:
+                logger.exception('error while dispatching the reply for %s', item[1])
             count += 1
         return count
 
@@ -391,12 +405,15 @@ cdef class StateTable:
         cdef Waiter waiter
         self.received += 1
         self.malformed += 1
-        entry = self._tracked.get(task_id) if task_id else None
-        if entry is None or error is None:
+        if not task_id or error is None:
             logger.warning('dropped a malformed reply for %s: %s', task_id or 'an unknown task', reason)
             return False
-        logger.warning('malformed reply for tracked task %s: %s', task_id, reason)
+        logger.warning('malformed reply for task %s: %s', task_id, reason)
         with self._lock:
+            entry = self._tracked.get(task_id)
+            if entry is None:
+                self._buffer(task_id, error)
+                return False
             if _is_ready(entry.meta) and not isinstance(entry.meta, BaseException):
                 return False
             entry.meta = error
@@ -405,8 +422,7 @@ cdef class StateTable:
         for waiter in waiters:
             waiter.bucket.append((task_id, error))
             waiter.remaining -= 1
-            if waiter.wake is not None:
-                waiter.wake()
+            waiter.notify()
         return False
 
     def deliver(self, task_id, meta):
@@ -433,6 +449,8 @@ cdef class StateTable:
                 return
             if ready:
                 entry.waiters = None
+            elif type(waiters) is list:
+                waiters = list(<list>waiters)
         if type(waiters) is list:
             for waiter in <list>waiters:
                 _notify(<Waiter>waiter, task_id, meta, ready)

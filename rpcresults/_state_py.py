@@ -21,7 +21,7 @@ import weakref
 from collections import deque
 from typing import Any, Callable, Deque, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-from .exceptions import ContentDisallowed, MalformedResult, ResultEvicted
+from .exceptions import ContentDisallowed, MalformedResult, ReplyQueueLost, ResultEvicted
 
 logger = logging.getLogger('rpcresults.state')
 
@@ -77,6 +77,15 @@ class Waiter:
         self.wake = wake
         self.error: Optional[BaseException] = None
 
+    def notify(self) -> None:
+        """Call ``wake`` (a driver's callable); its failure is logged, never raised into dispatch."""
+        wake = self.wake
+        if wake is not None:
+            try:
+                wake()
+            except Exception:
+                logger.exception('a waiter wake-up callback failed')
+
     @property
     def done(self) -> bool:
         """Nothing more to wait for: every id is in the bucket (or was taken from it)."""
@@ -86,8 +95,7 @@ class Waiter:
         """Hand ``error`` to this waiter and wake it."""
         if self.error is None:
             self.error = error
-        if self.wake is not None:
-            self.wake()
+        self.notify()
 
 
 class _OwnerRef(weakref.ref):
@@ -119,7 +127,7 @@ class StateTable:
         self._lock = threading.Lock()
         self._tracked: Dict[str, _Entry] = {}
         self._early: Dict[str, Any] = {}
-        remembered = max(self.buffer_max, 1024)
+        remembered = max(10 * self.buffer_max, 1024)  # ids are small; forgetting one means a hang
         self._evicted: Dict[str, None] = {}
         self._abandoned: Dict[str, None] = {}
         self._remember_max = remembered
@@ -226,6 +234,8 @@ class StateTable:
                     raise KeyError(f'task {task_id!r} is not tracked; track() it before watch()')
                 if is_ready(entry.meta):
                     waiter.bucket.append((task_id, entry.meta))
+                    if isinstance(entry.meta, ReplyQueueLost):
+                        entry.meta = None  # told once: a wait after this one waits for a real reply
                 else:
                     entry.waiters.append(waiter)
                     waiter.remaining += 1
@@ -251,8 +261,11 @@ class StateTable:
             pending = [tid for tid, entry in self._tracked.items() if not is_ready(entry.meta)]
             per_waiter: Dict[int, Tuple[Waiter, List[str]]] = {}
             for tid in pending:
-                for waiter in self._tracked[tid].waiters:
+                entry = self._tracked[tid]
+                for waiter in entry.waiters:
                     per_waiter.setdefault(id(waiter), (waiter, []))[1].append(tid)
+                if not entry.waiters:
+                    entry.meta = make_error([tid])  # told to the next wait, once (see watch)
         for waiter, ids in per_waiter.values():
             waiter.fail(make_error(ids))
         return pending
@@ -294,7 +307,10 @@ class StateTable:
         """Dispatch parsed deliveries ``(tag, correlation_id, content_type, content_encoding, body)``."""
         count = 0
         for _, correlation_id, content_type, content_encoding, body in deliveries:
-            self.deliver_body(correlation_id, content_type, content_encoding, body)
+            try:
+                self.deliver_body(correlation_id, content_type, content_encoding, body)
+            except Exception:  # a bug must not cost the replies after this one
+                logger.exception('error while dispatching the reply for %s', correlation_id)
             count += 1
         return count
 
@@ -302,12 +318,15 @@ class StateTable:
         """A reply that cannot become a meta: its waiters get ``error``; else a counted, logged drop."""
         self.received += 1
         self.malformed += 1
-        entry = self._tracked.get(task_id) if task_id else None
-        if entry is None or error is None:
+        if not task_id or error is None:
             logger.warning('dropped a malformed reply for %s: %s', task_id or 'an unknown task', reason)
             return False
-        logger.warning('malformed reply for tracked task %s: %s', task_id, reason)
+        logger.warning('malformed reply for task %s: %s', task_id, reason)
         with self._lock:
+            entry = self._tracked.get(task_id)
+            if entry is None:
+                self._buffer(task_id, error)  # a later get() for this id gets the error, not a hang
+                return False
             if is_ready(entry.meta) and not isinstance(entry.meta, BaseException):
                 return False
             entry.meta = error
@@ -315,8 +334,7 @@ class StateTable:
         for waiter in waiters:
             waiter.bucket.append((task_id, error))
             waiter.remaining -= 1
-            if waiter.wake is not None:
-                waiter.wake()
+            waiter.notify()
         return False
 
     def deliver(self, task_id: str, meta: Meta) -> None:
@@ -341,6 +359,8 @@ class StateTable:
                 return
             if ready:
                 entry.waiters = []
+            else:
+                waiters = list(waiters)  # watch/unwatch may change the live list meanwhile
         for waiter in waiters:
             on_message = waiter.on_message
             if on_message is not None:
@@ -351,10 +371,9 @@ class StateTable:
             if ready:
                 waiter.bucket.append((task_id, meta))
                 waiter.remaining -= 1
-                if waiter.wake is not None:
-                    waiter.wake()
+                waiter.notify()
 
-    def _buffer(self, task_id: str, meta: Meta) -> None:
+    def _buffer(self, task_id: str, meta: Any) -> None:
         """Keep a reply nobody holds a result for (lock held); evict the oldest past the bound."""
         early = self._early
         if task_id in self._abandoned:

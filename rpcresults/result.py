@@ -1,6 +1,7 @@
 """Result objects: AsyncResult, EagerResult, ResultSet, GroupResult (Celery's API, name for name)."""
 from __future__ import annotations
 
+import logging
 import time
 import weakref
 from collections import deque
@@ -10,13 +11,16 @@ from typing import (Any, Callable, Deque, Dict, Iterable, Iterator, List, Option
 
 from . import states
 from .app import App, app_or_default
-from .exceptions import ImproperlyConfigured, IncompleteStream, TaskRevokedError, TimeoutError
+from .exceptions import (ImproperlyConfigured, IncompleteStream, MalformedResult, TaskRevokedError,
+                         TimeoutError)
 
 __all__ = ('ResultBase', 'AsyncResult', 'EagerResult', 'ResultSet', 'GroupResult', 'result_from_tuple',
            'DependencyGraph')
 
 Meta = Dict[str, Any]
 Callback = Callable[..., Any]
+
+logger = logging.getLogger(__name__)
 
 
 def _exception_value(backend: Any, meta: Meta) -> Meta:
@@ -57,10 +61,13 @@ class _Callbacks:
             if weak:
                 callback = callback()
                 on_error = on_error() if on_error is not None else None
-            if error is not None and on_error is not None:
-                on_error(error)
-            elif callback is not None:
-                callback(result)
+            try:
+                if error is not None and on_error is not None:
+                    on_error(error)
+                elif callback is not None:
+                    callback(result)
+            except Exception:  # runs in whichever thread read the reply: never let it stop the reading
+                logger.exception('a then() callback of %r failed', result)
 
 
 class ResultBase:
@@ -218,15 +225,23 @@ class AsyncResult(ResultBase):
         children = meta.get('children')
         if children:
             meta = dict(meta)
-            meta['children'] = [result_from_tuple(child, self.app) for child in children]
+            try:
+                meta['children'] = [result_from_tuple(child, self.app) for child in children]
+            except Exception as exc:  # a sender's malformed children: this result's error, not a crash
+                from .backends.asynchronous import error_meta
+                return error_meta(self.id, MalformedResult(self.id, f'invalid children: {exc}'))
         self._cache = meta
         return meta
 
     def _maybe_set_cache(self, meta: Meta) -> Meta:
         """Remember ``meta`` when it is final (and fire ``then()`` callbacks); returns it."""
         if meta is not None and meta.get('status') in states.READY_STATES:
+            if type(meta).__name__ == 'ErrorMeta':
+                return meta  # our own error (malformed, evicted, lost): raised, never cached
             if self._cache is None:
                 meta = self._set_cache(meta)
+                if self._cache is None:
+                    return meta  # the meta itself was malformed
                 self._fire_then()
             return self._cache  # type: ignore[return-value]
         return meta

@@ -54,10 +54,17 @@ def detect_environment() -> str:
     return 'default'
 
 
+class ErrorMeta(dict):
+    """A FAILURE meta carrying an error of ours (malformed reply, eviction, lost queue).
+
+    Result objects raise it but never cache it: a real reply may still replace it.
+    """
+
+
 def error_meta(task_id: str, error: BaseException) -> Meta:
-    """A FAILURE meta carrying an error we produced for this task (malformed reply, eviction)."""
-    return {'task_id': task_id, 'status': states.FAILURE, 'result': error, 'traceback': None,
-            'children': None, 'date_done': None}
+    """The :class:`ErrorMeta` for ``error`` about ``task_id``."""
+    return ErrorMeta(task_id=task_id, status=states.FAILURE, result=error, traceback=None,
+                     children=None, date_done=None)
 
 
 @register_drainer('default')
@@ -130,7 +137,7 @@ class BaseResultConsumer:
         self.app = app
         self.accept = accept
         self.table = table
-        self.drainer: Drainer = drainers[detect_environment()](self)
+        self.drainer: Drainer = drainers.get(detect_environment(), drainers['default'])(self)
 
     # -- the transport (subclasses) ----------------------------------------------------------
     def start(self) -> None:
@@ -156,8 +163,12 @@ class BaseResultConsumer:
         """Nothing to cancel per task: the reply queue is shared by every id."""
 
     def on_after_fork(self) -> None:
-        """Forget the parent's connection and state in a forked child."""
-        self.table.clear()
+        """Forget the parent's connection and state in a forked child.
+
+        The table is replaced, not cleared: a parent thread may have held its lock at
+        fork time, and results made in the parent re-track themselves in the new one.
+        """
+        self.table = self.backend._new_table()
 
     # -- waiting -----------------------------------------------------------------------------
     def drain_events_until(self, until: Callable[[], bool], deadline: Optional[float]) -> None:
@@ -233,13 +244,14 @@ class BaseResultConsumer:
     def _settle(self, by_id: Dict[str, List['AsyncResult']], task_id: str, meta: Any) -> Meta:
         """Make ``meta`` (or an error) the final state of every result for ``task_id``."""
         if isinstance(meta, BaseException):
-            meta = error_meta(task_id, meta)
+            return error_meta(task_id, meta)
         for result in by_id[task_id]:
             result._maybe_set_cache(meta)
+        settled = by_id[task_id][0]._cache or meta  # as Celery yields it: exceptions and children rebuilt
         cache = self.backend._cache
         if cache.limit:
-            cache[task_id] = meta
-        return meta
+            cache[task_id] = settled
+        return settled
 
     def iter_ready(self, results: Sequence['AsyncResult'], timeout: Optional[float] = None,
                    on_message: Optional[Callable[[Meta], Any]] = None,
@@ -270,7 +282,7 @@ class BaseResultConsumer:
                     break
                 task_id, meta = item
                 meta = self._settle(by_id, task_id, meta)
-                value = by_id[task_id][0]._cache.get('result') if by_id[task_id][0]._cache else meta.get('result')
+                value = meta.get('result')
                 if propagate and meta.get('status') in states.PROPAGATE_STATES:
                     raise value if isinstance(value, BaseException) else TaskRevokedError(task_id)
                 for index in positions[task_id]:
@@ -330,10 +342,18 @@ class AsyncBackendMixin:
                          on_interval: Optional[Callable[[], Any]] = None,
                          callback: Optional[Callable[..., Any]] = None, propagate: bool = True) -> Any:
         """Block until ``result`` is final, then return its value (or raise its exception)."""
-        for _ in self.result_consumer.iter_ready([result], timeout=timeout, on_message=on_message,
-                                                 on_interval=on_interval):
+        meta: Any = None
+        for _, meta in self.result_consumer.iter_ready([result], timeout=timeout, on_message=on_message,
+                                                       on_interval=on_interval):
             pass
         self.on_result_fulfilled(result)
+        if isinstance(meta, ErrorMeta):  # our own error: raised from what this wait got, never cached
+            error = meta['result']
+            if propagate:
+                raise error
+            if callback is not None:
+                callback(result.id, error)
+            return error
         return result.maybe_throw(callback=callback, propagate=propagate)
 
     def iter_native(self, result: 'ResultSet', timeout: Optional[float] = None, interval: float = 0.5,

@@ -189,6 +189,7 @@ class ResultConsumer(BaseResultConsumer):
                     self._flush_acks()
         finally:
             self._flush_acks()
+            self._maybe_heartbeat()
         return self._dispatched_since(start), exhausted
 
     def _dispatched_since(self, start: int) -> int:
@@ -206,12 +207,18 @@ class ResultConsumer(BaseResultConsumer):
             timeout = slice_ if timeout is None else min(timeout, slice_)
         self._drain_once(timeout)
         self._flush_acks()
-        if heartbeat and time.monotonic() >= self._heartbeat_due:
-            self._heartbeat_due = time.monotonic() + heartbeat / 4
-            try:
-                self._connection.heartbeat_check()
-            except self._connection_errors as exc:
-                self._recover(exc)
+        self._maybe_heartbeat()
+
+    def _maybe_heartbeat(self) -> None:
+        """Send/check heartbeats when due (cheap otherwise): also while only polling state."""
+        connection = self._connection
+        if connection is None or not connection.heartbeat or time.monotonic() < self._heartbeat_due:
+            return
+        self._heartbeat_due = time.monotonic() + connection.heartbeat / 4
+        try:
+            connection.heartbeat_check()
+        except self._connection_errors as exc:
+            self._recover(exc)
 
     def _flush_acks(self) -> None:
         replies = self._replies
@@ -290,8 +297,9 @@ class RPCBackend(base.Backend, AsyncBackendMixin):
         return {'reply_to': self.oid, 'correlation_id': task_id}
 
     def _after_fork(self) -> None:
-        self._cache.clear()
-        self.oid = self.app.thread_oid
+        # New objects rather than clear(): a parent thread may have held their locks at fork time.
+        self._cache = type(self._cache)(self._cache.limit)
+        self.oid = str(uuid.uuid4())  # never shared with another backend of the child
         self.result_consumer.on_after_fork()
         detach_after_fork(self._producer_connection)
         self._producer_connection = None

@@ -328,6 +328,11 @@ def test_reply_queue_deleted_while_pending_raises_reply_queue_lost(client, worke
     assert waited.id in error.task_ids
     assert client.stats()['queues_lost'] >= 1
 
+    # results[1] was pending too, with nobody waiting: its next wait is told of the loss, once
+    with pytest.raises(ReplyQueueLost) as lost:
+        results[1].get(timeout=15)
+    assert lost.value.task_ids == (results[1].id,)
+
     # the queue is back and consumed; results published to it now arrive (waiting again is allowed)
     info = wait_until(lambda: raw.queue_info(client.oid), 10, 'the reply queue to be re-declared')
     assert info[1] == 1

@@ -526,15 +526,20 @@ def test_malformed_reply_for_tracked_id_reaches_its_waiter(impl, table, case, ca
 
 
 @pytest.mark.parametrize('case', sorted(MALFORMED))
-def test_malformed_reply_for_untracked_id_is_counted_and_dropped(impl, table, case) -> None:
-    content_type, raw, _ = MALFORMED[case]
+def test_malformed_reply_for_untracked_id_is_counted_and_its_error_kept(impl, table, case) -> None:
+    """Counted as malformed; its error waits in the bounded buffer for whoever asks for the id."""
+    content_type, raw, expected = MALFORMED[case]
     UNPICKLED['flag'] = False
     assert table.deliver_body('nobody', content_type, 'utf-8', raw) is False
     counters = table.counters()
     assert counters['malformed_dropped'] == 1
-    assert counters['buffer_size'] == 0
-    assert counters['buffered'] == 0
-    assert table.meta('nobody') is None
+    assert counters['buffer_size'] == 1
+    assert isinstance(table.meta('nobody'), expected)
+    owner = Owner()
+    table.track('nobody', owner)
+    waiter, _ = new_waiter(impl)
+    table.watch(waiter, ['nobody'])
+    assert len(waiter.bucket) == 1 and isinstance(waiter.bucket[0][1], expected)
     assert UNPICKLED['flag'] is False
 
 
