@@ -41,14 +41,15 @@ class FrameError(Exception):
     """The byte stream is not valid AMQP for us: oversized, malformed or out-of-order frames."""
 
 
-def _shortstr(buf: bytes, offset: int) -> Tuple[str, int]:
-    if offset >= len(buf):
+def _shortstr(buf: bytearray, offset: int, limit: int) -> Tuple[str, int]:
+    """The short string at ``offset`` of a frame ending at ``limit``, and the offset after it."""
+    if offset >= limit:
         raise FrameError('short string runs past the end of its frame')
     length = buf[offset]
     end = offset + 1 + length
-    if end > len(buf):
+    if end > limit:
         raise FrameError('short string runs past the end of its frame')
-    raw = buf[offset + 1:end]
+    raw = bytes(buf[offset + 1:end])
     try:
         return raw.decode('utf-8', 'surrogatepass'), end  # as py-amqp reads it
     except UnicodeDecodeError:  # not UTF-8 at all: keep the bytes recoverable instead of failing
@@ -114,65 +115,71 @@ class FrameParser:
                     break
                 if buf[end] != FRAME_END:
                     raise FrameError(f'frame end byte is {buf[end]:#04x}, expected 0xce')
-                payload = bytes(buf[pos + 7:end])
+                start = pos + 7
                 pos = end + 1
                 self.frames_parsed += 1
                 if channel != self.channel:
-                    others.append((frame_type, channel, payload))
+                    others.append((frame_type, channel, bytes(buf[start:end])))
                     continue
-                if self._expect == FRAME_METHOD:
-                    self._on_method(frame_type, channel, payload, others)
-                elif frame_type == FRAME_HEADER and self._expect == FRAME_HEADER:
-                    self._on_header(payload, channel, deliveries, others)
-                elif frame_type == FRAME_BODY and self._expect == FRAME_BODY:
-                    self._on_body(payload, channel, deliveries, others)
+                expect = self._expect
+                if (expect == FRAME_BODY and frame_type == FRAME_BODY and self._content == 1
+                        and not self._body_parts and end - start == self._body_size - self._body_got):
+                    # the common case: a whole body in one frame (what _on_body would do, inline)
+                    self._body_got = self._body_size
+                    props = self._props
+                    deliveries.append((self._tag, props[2], props[0], props[1], bytes(buf[start:end])))
+                    self._content = 0
+                    self._expect = FRAME_METHOD
+                elif expect == FRAME_METHOD:
+                    self._on_method(frame_type, channel, buf, start, end, others)
+                elif frame_type == FRAME_HEADER and expect == FRAME_HEADER:
+                    self._on_header(buf, start, end, channel, deliveries, others)
+                elif frame_type == FRAME_BODY and expect == FRAME_BODY:
+                    self._on_body(buf, start, end, channel, deliveries, others)
                 elif frame_type == 8:
-                    others.append((frame_type, channel, payload))
+                    others.append((frame_type, channel, bytes(buf[start:end])))
                 else:
                     raise FrameError(f'frame type {frame_type} on channel {channel} while expecting '
-                                     f'type {self._expect}')
+                                     f'type {expect}')
         finally:
             del buf[:pos]
         return deliveries, others
 
-    def _on_method(self, frame_type: int, channel: int, payload: bytes, others: List[Frame]) -> None:
-        if frame_type != FRAME_METHOD or len(payload) < 4:
+    def _on_method(self, frame_type: int, channel: int, buf: bytearray, start: int, end: int,
+                   others: List[Frame]) -> None:
+        size = end - start
+        if frame_type != FRAME_METHOD or size < 4:
             if frame_type == 8:
-                others.append((frame_type, channel, payload))
+                others.append((frame_type, channel, bytes(buf[start:end])))
                 return
             raise FrameError(f'frame type {frame_type} on channel {channel} while expecting a method')
-        method = _METHOD_ID.unpack_from(payload, 0)[0]
+        method = _METHOD_ID.unpack_from(buf, start)[0]
         if method == BASIC_DELIVER:
-            tag, offset = self._consumer_tag_of(payload)
-            if tag == self.consumer_tag:
-                if offset + 8 > len(payload):
+            if size < 5:
+                raise FrameError('basic.deliver is truncated')
+            length = buf[start + 4]
+            offset = start + 5 + length
+            if offset > end:
+                raise FrameError('basic.deliver consumer tag runs past the frame')
+            if buf[start + 5:offset] == self.consumer_tag:
+                if offset + 8 > end:
                     raise FrameError('basic.deliver is truncated')
-                self._tag = _LONGLONG.unpack_from(payload, offset)[0]
+                self._tag = _LONGLONG.unpack_from(buf, offset)[0]
                 self._content = 1
                 self._expect = FRAME_HEADER
                 return
         if method in CONTENT_METHODS:
             self._content = 2
             self._expect = FRAME_HEADER
-        others.append((frame_type, channel, payload))
+        others.append((frame_type, channel, bytes(buf[start:end])))
 
-    @staticmethod
-    def _consumer_tag_of(payload: bytes) -> Tuple[bytes, int]:
-        if len(payload) < 5:
-            raise FrameError('basic.deliver is truncated')
-        length = payload[4]
-        end = 5 + length
-        if end > len(payload):
-            raise FrameError('basic.deliver consumer tag runs past the frame')
-        return payload[5:end], end
-
-    def _on_header(self, payload: bytes, channel: int, deliveries: List[Delivery],
+    def _on_header(self, buf: bytearray, start: int, end: int, channel: int, deliveries: List[Delivery],
                    others: List[Frame]) -> None:
-        if len(payload) < 14:
+        if end - start < 14:
             raise FrameError('content header is truncated')
-        _, _, body_size, flags = _HEADER_START.unpack_from(payload, 0)
+        _, _, body_size, flags = _HEADER_START.unpack_from(buf, start)
         if self._content == 2:
-            others.append((FRAME_HEADER, channel, payload))
+            others.append((FRAME_HEADER, channel, bytes(buf[start:end])))
             self._expect = FRAME_BODY if body_size else FRAME_METHOD
             if not body_size:
                 self._content = 0
@@ -180,7 +187,7 @@ class FrameParser:
             return
         if body_size > self.max_body:
             raise FrameError(f'message body of {body_size} bytes exceeds the limit of {self.max_body}')
-        self._props = self._properties(payload, flags)
+        self._props = self._properties(buf, start + 14, end, flags)
         self._body_size = body_size
         self._body_got = 0
         self._body_parts = []
@@ -189,35 +196,37 @@ class FrameParser:
         else:
             self._expect = FRAME_BODY
 
-    def _properties(self, payload: bytes, flags: int) -> Tuple[Optional[str], Optional[str], Optional[str]]:
-        offset = 14
-        all_flags = flags
-        while flags & 1:  # continuation: another flags word follows
-            if offset + 2 > len(payload):
+    @staticmethod
+    def _properties(buf: bytearray, offset: int, limit: int,
+                    flags: int) -> Tuple[Optional[str], Optional[str], Optional[str]]:
+        more = flags
+        while more & 1:  # continuation: another flags word follows
+            if offset + 2 > limit:
                 raise FrameError('content header flags are truncated')
-            flags = _SHORT.unpack_from(payload, offset)[0]
+            more = _SHORT.unpack_from(buf, offset)[0]
             offset += 2
-        flags = all_flags
         content_type = content_encoding = correlation_id = None
         if flags & 0x8000:
-            content_type, offset = _shortstr(payload, offset)
+            content_type, offset = _shortstr(buf, offset, limit)
         if flags & 0x4000:
-            content_encoding, offset = _shortstr(payload, offset)
+            content_encoding, offset = _shortstr(buf, offset, limit)
         if flags & 0x2000:  # headers table: skip it whole
-            if offset + 4 > len(payload):
+            if offset + 4 > limit:
                 raise FrameError('headers table is truncated')
-            offset += 4 + _LONG.unpack_from(payload, offset)[0]
+            offset += 4 + _LONG.unpack_from(buf, offset)[0]
         if flags & 0x1000:
             offset += 1
         if flags & 0x0800:
             offset += 1
         if flags & 0x0400:
-            correlation_id, offset = _shortstr(payload, offset)
-        if offset > len(payload):
+            correlation_id, offset = _shortstr(buf, offset, limit)
+        if offset > limit:
             raise FrameError('content header properties run past the frame')
         return content_type, content_encoding, correlation_id
 
-    def _on_body(self, payload: bytes, channel: int, deliveries: List[Delivery], others: List[Frame]) -> None:
+    def _on_body(self, buf: bytearray, start: int, end: int, channel: int, deliveries: List[Delivery],
+                 others: List[Frame]) -> None:
+        payload = bytes(buf[start:end])
         self._body_got += len(payload)
         if self._body_got > self._body_size:
             raise FrameError(f'body frames carry {self._body_got} bytes, more than the announced '
