@@ -171,8 +171,18 @@ class BaseResultConsumer:
         self.table = self.backend._new_table()
 
     # -- waiting -----------------------------------------------------------------------------
+    #: The deadline of the wait being driven (reconnects give up by then).
+    deadline: Optional[float] = None
+
     def drain_events_until(self, until: Callable[[], bool], deadline: Optional[float]) -> None:
         """Dispatch replies until ``until()`` holds or ``deadline`` passes (at least one pass)."""
+        self.deadline = deadline
+        try:
+            self._drain_until(until, deadline)
+        finally:
+            self.deadline = None
+
+    def _drain_until(self, until: Callable[[], bool], deadline: Optional[float]) -> None:
         while True:
             self.drain_available()
             if until():

@@ -50,6 +50,7 @@ class ResultConsumer(BaseResultConsumer):
         self._heartbeat_due = 0.0
         self.reconnects = 0
         self.queues_lost = 0
+        self._connected_once = False
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self, initial_task_id: Optional[str] = None, no_ack: bool = True, **kwargs: Any) -> None:
@@ -58,7 +59,7 @@ class ResultConsumer(BaseResultConsumer):
             return
         with self._start_lock:
             if self._replies is None:
-                self._connect(reconnect=False)
+                self._connect(reconnect=self._connected_once)
 
     def stop(self) -> None:
         """Ack what was handled, cancel the consumer and close the connection."""
@@ -83,6 +84,7 @@ class ResultConsumer(BaseResultConsumer):
         detach_after_fork(self._connection)
         self._connection = None
         self._replies = None
+        self._connected_once = False  # the child has a queue of its own: nothing to have lost
         self.drainer = type(self.drainer)(self)
 
     def consume_from(self, task_id: str) -> None:
@@ -91,8 +93,10 @@ class ResultConsumer(BaseResultConsumer):
     def _connect(self, reconnect: bool) -> None:
         conf = self.app.conf
         connection = self.app.connection()
+        # a waiter's deadline bounds the retrying; when it gives up, the next wait tries again
+        timeout = None if self.deadline is None else max(self.deadline - time.monotonic(), 0.5)
         connection.ensure_connection(max_retries=conf.broker_connection_max_retries,
-                                     interval_start=0, interval_step=0.5, interval_max=2)
+                                     interval_start=0, interval_step=0.5, interval_max=2, timeout=timeout)
         self._connection_errors = tuple(connection.connection_errors) + tuple(connection.channel_errors)
         channel = connection.channel()
         queue_name = self.backend.oid
@@ -109,6 +113,7 @@ class ResultConsumer(BaseResultConsumer):
         replies.consume(queue_name, self._consumer_tag)
         self._connection = connection
         self._replies = replies
+        self._connected_once = True
         self._queue_cancelled = False
         heartbeat = connection.heartbeat or 0
         self._heartbeat_due = time.monotonic() + heartbeat / 4 if heartbeat else float('inf')

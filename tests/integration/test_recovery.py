@@ -544,3 +544,22 @@ def test_many_threads_sharing_one_backend(app, client, worker):
     for k, call in enumerate(calls):
         assert call.result(timeout=90) == [f'{k}:{n}' for n in range(PER_THREAD)]
     assert client.stats()['received'] >= N_THREADS * PER_THREAD
+
+
+# -- a broker outage longer than the wait -----------------------------------------------------------
+def test_wait_during_an_outage_ends_with_its_timeout_not_the_retry_budget(proxy, proxied_app, worker):
+    """Reconnecting is bounded by the waiter's deadline (else ~100 retries); the next wait tries again."""
+    app = proxied_app()
+    client = app.backend
+    assert round_trip(client, worker) == 'ping'
+    pending = bound(client, new_id())
+    proxy.pause()
+    proxy.cut()
+    call = Call(lambda: pending.get(timeout=2), name='get-during-outage')
+    call.start()
+    _, error = call.outcome(timeout=60)  # a hang guard, not a timing: the retry budget is minutes
+    assert error is not None, 'get() returned a value while no broker could be reached'
+    proxy.resume()
+    publish(worker, client.oid, [(pending.id, 'after')])
+    assert pending.get(timeout=20) == 'after'
+    assert client.stats()['reconnects'] >= 1
