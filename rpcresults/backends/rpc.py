@@ -284,14 +284,15 @@ class RPCBackend(base.Backend, AsyncBackendMixin):
                           fast_json='application/json' in accept)
 
     # -- the reply queue ---------------------------------------------------------------------
-    def binding(self, channel: Any = None) -> kombu.Queue:
-        """The reply queue: named after this client's oid, reached through the default exchange."""
-        queue = self.Queue(self.oid, self.exchange, self.oid, durable=True,
-                           auto_delete=self.auto_delete, expires=self.reply_queue_expires)
-        return queue(channel) if channel is not None else queue
+    @property
+    def binding(self) -> kombu.Queue:
+        """The reply queue (as in Celery, a property): named after this client's oid, reached
+        through the default exchange; ``backend.binding(channel)`` binds it to a channel."""
+        return self.Queue(self.oid, self.exchange, self.oid, durable=True,
+                          auto_delete=self.auto_delete, expires=self.reply_queue_expires)
 
     def _create_binding(self, task_id: str) -> kombu.Queue:
-        return self.binding()
+        return self.binding
 
     def on_task_call(self, producer: Any, task_id: str) -> None:
         """Declare the reply queue on the request's channel before the request is sent."""

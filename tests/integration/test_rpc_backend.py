@@ -195,7 +195,7 @@ def test_as_uri_and_native_join(app, client):
 
 
 def test_binding(app, client, broker_url, raw):
-    queue = client.binding()
+    queue = client.binding  # a property, as in Celery
     assert isinstance(queue, kombu.Queue)
     assert queue.name == client.oid
     assert queue.routing_key == client.oid
