@@ -1,11 +1,15 @@
-"""Helpers shared by the integration tests: a plain py-amqp connection and a bounded wait."""
+"""Helpers shared by the integration tests: a plain py-amqp connection, a bounded wait,
+a thread whose outcome a test collects, and a result bound to a given backend."""
 from __future__ import annotations
 
+import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional, Tuple
 from urllib.parse import unquote, urlparse
 
 import amqp
+
+from rpcresults import AsyncResult
 
 
 def raw_connection(broker_url: str) -> amqp.Connection:
@@ -31,3 +35,35 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = 
         if time.monotonic() >= deadline:
             raise AssertionError(f'gave up after {timeout} s waiting for {what}')
         time.sleep(interval)
+
+
+class Call(threading.Thread):
+    """Run ``fn`` in a thread and keep its return value or exception."""
+
+    def __init__(self, fn: Callable[[], Any], name: str = 'call') -> None:
+        super().__init__(name=name, daemon=True)
+        self.fn = fn
+        self.value: Any = None
+        self.error: Optional[BaseException] = None
+
+    def run(self) -> None:
+        try:
+            self.value = self.fn()
+        except BaseException as exc:  # handed to the test thread
+            self.error = exc
+
+    def outcome(self, timeout: float) -> Tuple[Any, Optional[BaseException]]:
+        self.join(timeout)
+        assert not self.is_alive(), f'{self.name} still running after {timeout} s'
+        return self.value, self.error
+
+    def result(self, timeout: float) -> Any:
+        value, error = self.outcome(timeout)
+        if error is not None:
+            raise error
+        return value
+
+
+def bound(backend: Any, task_id: str) -> AsyncResult:
+    """A result read through ``backend``, whatever thread uses it."""
+    return AsyncResult(task_id, backend=backend, app=backend.app)

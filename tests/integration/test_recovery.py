@@ -29,7 +29,7 @@ from rpcresults.exceptions import ReplyQueueLost, TimeoutError
 
 from ..conftest import make_app, new_id, request_for
 from ..proxy import TcpProxy
-from tests.helpers import wait_until
+from tests.helpers import Call, bound, wait_until
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -37,33 +37,6 @@ def broker_address(url: str) -> Tuple[str, int]:
     parts = urlsplit(url)
     return parts.hostname or 'localhost', parts.port or 5672
 
-
-
-class Call(threading.Thread):
-    """Run ``fn`` in a thread and keep its return value or exception."""
-
-    def __init__(self, fn: Callable[[], Any], name: str = 'call') -> None:
-        super().__init__(name=name, daemon=True)
-        self.fn = fn
-        self.value: Any = None
-        self.error: Optional[BaseException] = None
-
-    def run(self) -> None:
-        try:
-            self.value = self.fn()
-        except BaseException as exc:  # handed to the test thread
-            self.error = exc
-
-    def outcome(self, timeout: float) -> Tuple[Any, Optional[BaseException]]:
-        self.join(timeout)
-        assert not self.is_alive(), f'{self.name} still running after {timeout} s'
-        return self.value, self.error
-
-    def result(self, timeout: float) -> Any:
-        value, error = self.outcome(timeout)
-        if error is not None:
-            raise error
-        return value
 
 
 class RawBroker:
@@ -110,11 +83,6 @@ def publish(worker: Any, oid: str, pairs: Any) -> None:
     """Publish SUCCESS ``value`` for each ``(task_id, value)`` to reply queue ``oid``."""
     for task_id, value in pairs:
         worker.mark_as_done(task_id, value, request={'reply_to': oid, 'correlation_id': task_id})
-
-
-def bound(client: Any, task_id: str) -> AsyncResult:
-    """A result read through ``client`` whatever thread uses it."""
-    return AsyncResult(task_id, backend=client, app=client.app)
 
 
 def round_trip(client: Any, worker: Any, value: Any = 'ping') -> Any:

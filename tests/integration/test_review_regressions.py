@@ -17,7 +17,7 @@ import signal
 import threading
 import time
 import traceback
-from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Set
 
 import amqp
 import kombu.exceptions
@@ -25,40 +25,15 @@ import pytest
 
 from rpcresults import AsyncResult, ResultSet, states
 from rpcresults.backends import asynchronous
-from rpcresults.exceptions import ContentDisallowed, ReplyQueueLost, TimeoutError
+from rpcresults.exceptions import ContentDisallowed, ReplyQueueLost
 
 from ..conftest import make_app, new_id, request_for
-from ..helpers import raw_connection, wait_until
+from ..helpers import Call, bound, raw_connection, wait_until
 
 WAIT = 10
 
 
 # -- helpers ---------------------------------------------------------------------------------
-class Call(threading.Thread):
-    """Run ``fn`` in a daemon thread and keep its return value or exception."""
-
-    def __init__(self, fn: Callable[[], Any], name: str = 'call') -> None:
-        super().__init__(name=name, daemon=True)
-        self.fn = fn
-        self.value: Any = None
-        self.error: Optional[BaseException] = None
-
-    def run(self) -> None:
-        try:
-            self.value = self.fn()
-        except BaseException as exc:  # handed to the test thread
-            self.error = exc
-
-    def outcome(self, timeout: float) -> Tuple[Any, Optional[BaseException]]:
-        self.join(timeout)
-        assert not self.is_alive(), f'{self.name} still running after {timeout} s'
-        return self.value, self.error
-
-
-def bound(backend: Any, task_id: str) -> AsyncResult:
-    return AsyncResult(task_id, backend=backend, app=backend.app)
-
-
 def round_trip(client: Any, worker: Any, value: Any = 'ping') -> Any:
     client.result_consumer.start()
     task_id = new_id()
