@@ -452,6 +452,16 @@ class Bench:
         return table(f"P1  join_native over {num(data['count'])} results waiting in the reply queue "
                      f'(Celery wire format)', ('peer', 'value', 'ratio', 'target', 'met?'), rows, notes)
 
+    def unavailable_row(self, label: str, peer: str, result: Any, errors: Dict[str, str],
+                        target: str) -> Optional[List[str]]:
+        """The row of a peer without a result (compiled twin not built, or failed/absent); None otherwise."""
+        if peer == COMPILED and not self.ext:
+            return [label, self.not_built, 'n/a', target, 'n/a']
+        if result is None:
+            return [label, self.missing(peer, errors), '', target,
+                    ('NO' if peer in errors else 'n/a') if target else '']
+        return None
+
     def table_p2(self) -> str:
         data = self.raw['P1']
         summary, errors = data['summary'], data['errors']
@@ -565,13 +575,10 @@ class Bench:
         peers = [COMPILED, PURE, PYAMQP] + ([CELERY] if self.args.p3_celery else [])
         for peer in peers:
             target = '≤ 5 %' if peer in (COMPILED, PURE) else ''
-            if peer == COMPILED and not self.ext:
-                rows.append([LABELS[peer], self.not_built, 'n/a', target, 'n/a'])
-                continue
             r = data['results'].get(peer)
-            if r is None:
-                rows.append([LABELS[peer], self.missing(peer, data['errors']), '', target,
-                             ('NO' if peer in data['errors'] else 'n/a') if target else ''])
+            unavailable = self.unavailable_row(LABELS[peer], peer, r, data['errors'], target)
+            if unavailable is not None:
+                rows.append(unavailable)
                 continue
             spread = (f" [{r['after_min']:.1f} .. {r['after_max']:.1f}]" if data['rounds'] > 1 else '')
             value = (f"join ends {r['after_percent']:.1f} %{spread} after the last publish "
@@ -640,13 +647,10 @@ class Bench:
         celery = data['results'].get(CELERY)
         for peer in (COMPILED, PURE, CELERY):
             target = '≤ 300 B' if peer != CELERY else ''
-            if peer == COMPILED and not self.ext:
-                rows.append([LABELS[peer], self.not_built, 'n/a', target, 'n/a'])
-                continue
             r = data['results'].get(peer)
-            if r is None:
-                rows.append([LABELS[peer], self.missing(peer, data['errors']), '', target,
-                             ('NO' if peer in data['errors'] else 'n/a') if target else ''])
+            unavailable = self.unavailable_row(LABELS[peer], peer, r, data['errors'], target)
+            if unavailable is not None:
+                rows.append(unavailable)
                 continue
             worst = max(r['registered'], r['rss_registered'])
             value = (f"{r['registered']:.0f} B/result (objects {r['objects']:.0f} + registration "
@@ -743,13 +747,10 @@ class Bench:
         ref = data['results'].get(PYAMQP)
         for peer in (COMPILED, PURE, PYAMQP, CELERY):
             target = '≤ 1.2× py-amqp' if peer in (COMPILED, PURE) else ''
-            if peer == COMPILED and not self.ext:
-                rows.append([RTT_LABELS[peer], self.not_built, 'n/a', target, 'n/a'])
-                continue
             r = data['results'].get(peer)
-            if r is None:
-                rows.append([RTT_LABELS[peer], self.missing(peer, data['errors']), '', target,
-                             ('NO' if peer in data['errors'] else 'n/a') if target else ''])
+            unavailable = self.unavailable_row(RTT_LABELS[peer], peer, r, data['errors'], target)
+            if unavailable is not None:
+                rows.append(unavailable)
                 continue
             value = (f"p50 {r['p50'] * 1e6:.0f} µs, p99 {r['p99'] * 1e6:.0f} µs "
                      f"(CPU {r['cpu_per_call'] * 1e6:.0f} µs/call)")

@@ -2,6 +2,9 @@
 a thread whose outcome a test collects, and a result bound to a given backend."""
 from __future__ import annotations
 
+import os
+import select
+import signal
 import threading
 import time
 from typing import Any, Callable, Optional, Tuple
@@ -67,3 +70,36 @@ class Call(threading.Thread):
 def bound(backend: Any, task_id: str) -> AsyncResult:
     """A result read through ``backend``, whatever thread uses it."""
     return AsyncResult(task_id, backend=backend, app=backend.app)
+
+
+def read_until_eof(fd: int, timeout: float) -> bytes:
+    """Everything written to pipe ``fd`` until its writer closes it, or what came within ``timeout``."""
+    chunks = []
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        readable, _, _ = select.select([fd], [], [], remaining)
+        if readable:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    return b''.join(chunks)
+
+
+def reap(pid: int, timeout: float) -> Optional[int]:
+    """The wait status of child ``pid`` once it exits; after ``timeout`` it is SIGKILLed and None returned."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        time.sleep(0.01)
+    try:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except OSError:
+        pass
+    return None

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import select
-import signal
 import threading
 import time
 import traceback
@@ -29,7 +28,7 @@ from rpcresults.exceptions import ReplyQueueLost, TimeoutError
 
 from ..conftest import make_app, new_id, request_for
 from ..proxy import TcpProxy
-from tests.helpers import Call, bound, wait_until
+from tests.helpers import Call, bound, reap, wait_until
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -419,7 +418,6 @@ def test_fork_child_gets_new_oid_and_never_parent_results(app, client, worker):
         _child(app, write_fd, probe_id)
     os.close(write_fd)
     lines = _Lines(read_fd)
-    child_status: Optional[int] = None
     try:
         ready = lines.read(timeout=30)
         assert ready['phase'] == 'ready', ready
@@ -428,21 +426,8 @@ def test_fork_child_gets_new_oid_and_never_parent_results(app, client, worker):
         assert bound(client, probe_id).get(timeout=15) == 'parent-value'
         publish(worker, ready['oid'], [(ready['stop_id'], 'stop')])
         report = lines.read(timeout=40)
-
-        deadline = time.monotonic() + 20
-        while child_status is None and time.monotonic() < deadline:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                child_status = status
-            else:
-                time.sleep(0.01)
     finally:
-        if child_status is None:
-            try:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-            except OSError:
-                pass
+        child_status = reap(pid, 20)
         os.close(read_fd)
 
     assert 'error' not in report, report.get('error')

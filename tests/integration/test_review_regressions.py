@@ -12,8 +12,6 @@ import json
 import logging
 import os
 import pickle
-import select
-import signal
 import threading
 import time
 import traceback
@@ -28,7 +26,7 @@ from rpcresults.backends import asynchronous
 from rpcresults.exceptions import ContentDisallowed, ReplyQueueLost
 
 from ..conftest import make_app, new_id, request_for
-from ..helpers import Call, bound, raw_connection, wait_until
+from ..helpers import Call, bound, raw_connection, read_until_eof, reap, wait_until
 
 WAIT = 10
 
@@ -242,37 +240,13 @@ def test_fork_gives_every_backend_a_fresh_oid_and_parent_results_work(own_queues
         os.close(read_fd)
         _fork_child(app, write_fd, backends, parent_oids, result)
     os.close(write_fd)
-    chunks: List[bytes] = []
-    status: Optional[int] = None
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            readable, _, _ = select.select([read_fd], [], [], remaining)
-            if readable:
-                chunk = os.read(read_fd, 65536)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-        deadline = time.monotonic() + 10
-        while status is None and time.monotonic() < deadline:
-            done, code = os.waitpid(pid, os.WNOHANG)
-            if done:
-                status = code
-            else:
-                time.sleep(0.01)
+        data = read_until_eof(read_fd, 30)
     finally:
-        if status is None:
-            try:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-            except OSError:
-                pass
+        status = reap(pid, 10)
         os.close(read_fd)
-    assert chunks, 'the forked child did not report within 30 s'
-    report = json.loads(b''.join(chunks))
+    assert data, 'the forked child did not report within 30 s'
+    report = json.loads(data)
     if report.get('result_oid'):
         own_queues.add(report['result_oid'])
     assert 'error' not in report, report['error']

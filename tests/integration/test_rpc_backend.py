@@ -13,7 +13,6 @@ import gc
 import json
 import os
 import random
-import select
 import threading
 import time
 from datetime import timedelta
@@ -27,7 +26,7 @@ import pytest
 from rpcresults import AsyncResult, GroupResult, ResultSet, states
 from rpcresults.backends.rpc import RPCBackend, ResultConsumer
 from rpcresults.exceptions import BacklogLimitExceeded, ResultEvicted, TaskRevokedError, TimeoutError
-from tests.helpers import wait_until
+from tests.helpers import read_until_eof, reap, wait_until
 from tests.conftest import make_app, new_id, request_for
 
 WAIT = 10.0  # generous upper bound for anything that should take milliseconds
@@ -931,24 +930,15 @@ def test_fork_child_gets_a_new_oid_and_the_parent_keeps_its_connection(app, clie
         finally:
             os._exit(code)
     os.close(write_fd)
-    chunks = []
-    deadline = time.monotonic() + 30
     try:
-        while True:
-            remaining = deadline - time.monotonic()
-            assert remaining > 0, 'the forked child did not report'
-            readable, _, _ = select.select([read_fd], [], [], remaining)
-            if readable:
-                chunk = os.read(read_fd, 65536)
-                if not chunk:
-                    break
-                chunks.append(chunk)
+        data = read_until_eof(read_fd, 30)
     finally:
+        status = reap(pid, 10)  # never a blocking wait: a hung child is killed, not waited on forever
         os.close(read_fd)
-        _, status = os.waitpid(pid, 0)
-    report = json.loads(b''.join(chunks) or b'{}')
+    assert data, 'the forked child did not report'
+    report = json.loads(data)
     assert 'error' not in report, report
-    assert os.waitstatus_to_exitcode(status) == 0
+    assert status is not None and os.waitstatus_to_exitcode(status) == 0
     assert report['value'] == 'from the child'
     assert report['thread_oid'] != parent_oid
     assert report['backend_oid'] == report['thread_oid']
