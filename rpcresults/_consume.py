@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import struct
 from typing import Any, Callable, List, Optional
 
 import amqp
@@ -22,13 +23,38 @@ from ._drain import FrameParser
 
 logger = logging.getLogger(__name__)
 
-__all__ = ('ReplyChannel', 'reply_channel_for', 'detach_after_fork')
+__all__ = ('ReplyChannel', 'ChannelClosedByBroker', 'reply_channel_for', 'detach_after_fork')
 
 OnReply = Callable[[Optional[str], Optional[str], Optional[str], bytes], Any]
 OnCancel = Callable[[str], Any]
 
 #: Size of the reusable receive buffer of the fast path.
 CHUNK_SIZE = 256 * 1024
+#: Method-frame payload prefix of ``channel.close`` (class 20, method 40).
+CHANNEL_CLOSE = struct.pack('>HH', 20, 40)
+
+
+class ChannelClosedByBroker(ConnectionError):
+    """The broker closed the reply channel; the consumer recovers with a new connection.
+
+    py-amqp would answer by re-opening the channel with a synchronous read of its own,
+    which cannot see bytes our parser already holds, so we never hand it that frame.
+    """
+
+    def __init__(self, reply_code: int, reply_text: str) -> None:
+        super().__init__(f'the broker closed the reply channel: {reply_code} {reply_text}')
+        self.reply_code = reply_code
+        self.reply_text = reply_text
+
+    @classmethod
+    def from_payload(cls, payload: bytes) -> 'ChannelClosedByBroker':
+        try:
+            (code,) = struct.unpack_from('>H', payload, 4)
+            length = payload[6]
+            text = bytes(payload[7:7 + length]).decode('utf-8', 'replace')
+        except (struct.error, IndexError):
+            code, text = 0, '(unreadable reason)'
+        return cls(code, text)
 
 
 class ReplyChannel:
@@ -151,6 +177,8 @@ class AmqpReplyChannel(ReplyChannel):
         if others:
             on_frame = self._connection.on_inbound_frame
             for frame in others:
+                if frame[0] == 1 and frame[2][:4] == CHANNEL_CLOSE:
+                    raise ChannelClosedByBroker.from_payload(frame[2])
                 on_frame(frame)
         return True
 

@@ -37,6 +37,9 @@ DEFAULTS: Dict[str, Any] = {
     'result_buffer_max': 10000,
     'result_extended': False,
     'result_keep_late_replies': True,
+    'result_publish_mandatory': True,
+    'result_publish_confirm': False,
+    'result_publish_confirm_timeout': 10.0,
     'result_backend_transport_options': {},
 }
 

@@ -1,6 +1,7 @@
 """Every exception rpcresults raises."""
 from __future__ import annotations
 
+import asyncio as _asyncio
 import builtins
 from typing import Iterable, Tuple
 
@@ -8,7 +9,7 @@ __all__ = (
     'RPCResultsError', 'TimeoutError', 'BacklogLimitExceeded', 'SecurityError',
     'ReplyQueueLost', 'ResultEvicted', 'ImproperlyConfigured', 'NotRegistered',
     'IncompleteStream', 'ChordError', 'TaskRevokedError', 'MalformedResult',
-    'ContentDisallowed',
+    'ContentDisallowed', 'ResultNotDelivered',
 )
 
 from kombu.exceptions import ContentDisallowed  # noqa: E402  (re-exported: refused content types)
@@ -18,8 +19,14 @@ class RPCResultsError(Exception):
     """Base class of the errors this library defines."""
 
 
-class TimeoutError(RPCResultsError, builtins.TimeoutError):
-    """The operation timed out (also a builtin ``TimeoutError``, so ``asyncio`` code catches it)."""
+# On 3.11+ asyncio.TimeoutError *is* the builtin; on 3.9/3.10 it is a distinct class.
+_TIMEOUT_BASES: Tuple[type, ...] = (builtins.TimeoutError,)
+if _asyncio.TimeoutError is not builtins.TimeoutError:  # pragma: no cover (3.9/3.10)
+    _TIMEOUT_BASES += (_asyncio.TimeoutError,)
+
+
+class TimeoutError(RPCResultsError, *_TIMEOUT_BASES):  # type: ignore[misc]
+    """The operation timed out: also a builtin ``TimeoutError`` and an ``asyncio.TimeoutError``."""
 
 
 class BacklogLimitExceeded(RPCResultsError):
@@ -95,3 +102,13 @@ class ResultEvicted(_IdsError, LookupError):
     def __str__(self) -> str:
         return (f'result(s) evicted from the early-arrival buffer before anyone asked for them: '
                 f'{self._names()} (raise result_buffer_max to keep more)')
+
+
+class ResultNotDelivered(RPCResultsError):
+    """Worker side: the broker refused a result (a publisher-confirm nack)."""
+
+    def __init__(self, task_id: str, reply_to: str, reason: str) -> None:
+        super().__init__(f'result of {task_id} for reply queue {reply_to!r} was not delivered: {reason}')
+        self.task_id = task_id
+        self.reply_to = reply_to
+        self.reason = reason

@@ -10,18 +10,22 @@ pending. Worker side, :class:`RPCBackend` publishes each state to the request's
 from __future__ import annotations
 
 import logging
+import select
+import socket
 import threading
 import time
 import uuid
 from typing import Any, Dict, List, Optional, Tuple
 
 import kombu
+import kombu.exceptions
+from amqp.exceptions import MessageNacked
 from kombu.common import maybe_declare
 
 from .. import _fork, serialization
 from .._consume import ReplyChannel, detach_after_fork, reply_channel_for
 from .._drain import FrameError, StateTable
-from ..exceptions import BacklogLimitExceeded, ReplyQueueLost
+from ..exceptions import BacklogLimitExceeded, ReplyQueueLost, ResultNotDelivered
 from . import base
 from .asynchronous import AsyncBackendMixin, BaseResultConsumer
 
@@ -270,6 +274,12 @@ class RPCBackend(base.Backend, AsyncBackendMixin):
         self.reply_queue_expires = self.app.expires_seconds(conf.result_reply_queue_expires)
         self.oid = self.app.thread_oid
         self.result_consumer = self.ResultConsumer(self, self.app, self.accept, self._new_table())
+        self.mandatory = bool(conf.result_publish_mandatory)
+        self.confirm = bool(conf.result_publish_confirm)
+        self.confirm_timeout = conf.result_publish_confirm_timeout
+        self.published = 0
+        self.returned = 0
+        self.nacked = 0
         self._producer_connection: Any = None
         self._producer: Any = None
         self._publish_lock = threading.Lock()
@@ -344,14 +354,71 @@ class RPCBackend(base.Backend, AsyncBackendMixin):
 
     def _publish(self, body: Dict[str, Any], routing_key: str, correlation_id: str, task_id: str) -> None:
         with self._publish_lock:
-            if self._producer is None:
-                self._producer_connection = self._connection or self.app.connection()
-                self._producer = self.Producer(self._producer_connection, exchange=self.exchange,
-                                               serializer=self.serializer, auto_declare=False)
-            self._producer.publish(
-                body, exchange=self.exchange, routing_key=routing_key, correlation_id=correlation_id,
-                serializer=self.serializer, retry=True, retry_policy=self.retry_policy,
-                declare=self.on_reply_declare(task_id), delivery_mode=self.delivery_mode)
+            producer = self._producer or self._new_producer()
+            options: Dict[str, Any] = {}
+            if self.confirm:
+                options['confirm_timeout'] = self.confirm_timeout
+            try:
+                producer.publish(
+                    body, exchange=self.exchange, routing_key=routing_key, correlation_id=correlation_id,
+                    serializer=self.serializer, retry=True, retry_policy=self.retry_policy,
+                    declare=self.on_reply_declare(task_id), delivery_mode=self.delivery_mode,
+                    mandatory=self.mandatory, **options)
+            except (MessageNacked, kombu.exceptions.OperationalError) as exc:
+                if not isinstance(exc, MessageNacked) and not isinstance(exc.__cause__, MessageNacked):
+                    raise
+                self.nacked += 1
+                logger.error('the broker refused (nacked) the result of %s for reply queue %s',
+                             task_id, routing_key)
+                raise ResultNotDelivered(task_id, routing_key, 'the broker nacked it') from None
+            self.published += 1
+            if self.mandatory and not self.confirm:
+                self.collect_returns()
+
+    def _new_producer(self) -> Any:
+        if self._connection is not None:
+            connection = self._connection
+        else:
+            options = dict(self.app.conf.broker_transport_options or {})
+            if self.confirm:
+                options['confirm_publish'] = True
+            connection = self.app.connection(transport_options=options)
+        self._producer_connection = connection
+        self._producer = self.Producer(connection, exchange=self.exchange, serializer=self.serializer,
+                                       auto_declare=False, on_return=self._on_return)
+        return self._producer
+
+    def collect_returns(self, timeout: float = 0.0) -> int:
+        """Handle returns the broker sent on the producer connection; wait up to ``timeout`` for one.
+
+        Without confirms nothing else reads that connection, so a return is noticed at
+        the next publish (or here); with confirms it arrives before the ack and is
+        handled while the publish waits. Returns the ``returned`` counter.
+        """
+        raw = getattr(self._producer_connection, '_connection', None)
+        sock = getattr(getattr(raw, 'transport', None), 'sock', None)
+        if sock is None:
+            return self.returned
+        connection = self._producer_connection
+        wait = timeout
+        try:
+            while select.select([sock], [], [], wait)[0]:
+                raw.drain_events(timeout=0.5)
+                wait = 0
+        except (socket.timeout, OSError, *connection.connection_errors, *connection.channel_errors):
+            logger.debug('reading returns on the producer connection failed', exc_info=True)
+        return self.returned
+
+    def _on_return(self, exc: Exception, exchange: str, routing_key: str, message: Any) -> None:
+        """The broker could not route a result (``mandatory``): the client's reply queue is gone."""
+        self.returned += 1
+        task_id = getattr(message, 'properties', {}).get('correlation_id')
+        logger.warning('result of %s was returned by the broker: no reply queue %r (%s); '
+                       'the client is gone or its queue expired', task_id, routing_key, exc)
+
+    def worker_stats(self) -> Dict[str, int]:
+        """Worker-side counters: results published, returned as unroutable, nacked by the broker."""
+        return {'published': self.published, 'returned': self.returned, 'nacked': self.nacked}
 
     # -- client side -------------------------------------------------------------------------
     def get_task_meta(self, task_id: str, backlog_limit: int = 1000) -> Dict[str, Any]:  # type: ignore[override]
@@ -410,6 +477,7 @@ class RPCBackend(base.Backend, AsyncBackendMixin):
         """Counters: received, dispatched, buffered, evicted, late, malformed, reconnects, ..."""
         counters = self.result_consumer.table.counters()
         counters.update(self.result_consumer.stats())
+        counters.update(self.worker_stats())
         counters['cached'] = len(self._cache)
         return counters
 
