@@ -6,7 +6,9 @@ the reply queue, start publishers). Whatever is not measured (imports, building 
 objects, declaring queues) happens before ``go``.
 
 Roles:
-  join     P1/P2/P3 client: ``kind`` rpcresults | celery | pyamqp joins ``count`` results
+  join     P1/P2/P3 client: ``kind`` rpcresults | celery | celery-rpcresults | pyamqp joins
+           ``count`` results (celery-rpcresults: Celery's app and ResultSet with
+           ``result_backend = 'rpcresults.contrib.celery:RPCBackend'``)
   publish  P3 worker: publishes a slice of Celery-format results as fast as py-amqp goes
   pending  P4: memory of ``count`` pending results (tracemalloc or RSS)
   echo     P5 responder: answers each request with a Celery-format SUCCESS to reply_to
@@ -77,17 +79,22 @@ def _prepare_rpcresults(url: str, ids: List[str]) -> Prepared:
     return backend.oid, join, close, extra
 
 
-def _celery_app(url: str) -> Any:
+#: The drop-in setting measured as "Celery + rpcresults backend".
+CELERY_DROPIN = 'rpcresults.contrib.celery:RPCBackend'
+
+
+def _celery_app(url: str, backend: str = 'rpc://') -> Any:
     from celery import Celery
-    app = Celery('rpcresults-bench', broker=url, backend='rpc://', set_as_current=True)
+    app = Celery('rpcresults-bench', broker=url, backend=backend, set_as_current=True)
     app.conf.update(accept_content=['json'], result_accept_content=['json'], result_serializer='json')
     return app
 
 
-def _prepare_celery(url: str, ids: List[str]) -> Prepared:
+def _prepare_celery(url: str, ids: List[str], backend_name: str = 'rpc://') -> Prepared:
+    """Celery's app and ResultSet; ``backend_name`` is Celery's rpc:// or the rpcresults drop-in."""
     import celery
     from celery.result import ResultSet
-    app = _celery_app(url)
+    app = _celery_app(url, backend_name)
     backend = app.backend
     with app.producer_or_acquire() as producer:
         backend.on_task_call(producer, ids[0])
@@ -99,13 +106,18 @@ def _prepare_celery(url: str, ids: List[str]) -> Prepared:
         return ResultSet(members, app=app).join_native(timeout=timeout)
 
     def close() -> None:
+        if hasattr(backend, 'stats'):
+            extra['stats'] = backend.stats()
         try:
             backend.result_consumer.stop()
         except Exception:
             pass
         app.close()
 
-    return backend.oid, join, close, {'celery': celery.__version__}
+    extra: Dict[str, Any] = {'celery': celery.__version__}
+    if backend_name != 'rpc://':
+        extra.update(implementation())
+    return backend.oid, join, close, extra
 
 
 def _prepare_pyamqp(url: str, ids: List[str], queue: str) -> Prepared:
@@ -162,6 +174,8 @@ def role_join(config: Dict[str, Any]) -> None:
         queue, join, close, extra = _prepare_rpcresults(url, ids)
     elif kind == 'celery':
         queue, join, close, extra = _prepare_celery(url, ids)
+    elif kind == 'celery-rpcresults':
+        queue, join, close, extra = _prepare_celery(url, ids, CELERY_DROPIN)
     elif kind == 'pyamqp':
         queue, join, close, extra = _prepare_pyamqp(url, ids, config['queue'])
     else:

@@ -42,10 +42,13 @@ C_BINARY = os.path.join(BENCH_DIR, 'c_consumer')
 
 # Peer keys and their labels in the tables.
 COMPILED, PURE, CELERY, PYAMQP, C = 'compiled', 'pure', 'celery', 'pyamqp', 'c'
+#: Celery's own app and ResultSet with result_backend = 'rpcresults.contrib.celery:RPCBackend'.
+CELERY_RPCR = 'celery-rpcresults'
 LABELS = {
     COMPILED: 'rpcresults compiled',
     PURE: 'rpcresults pure',
     CELERY: "celery rpc://",
+    CELERY_RPCR: 'Celery + rpcresults backend',
     PYAMQP: 'py-amqp basic_consume',
     C: 'C rabbitmq-c',
 }
@@ -277,13 +280,13 @@ class Bench:
 
     def selected(self, peers: List[str]) -> List[str]:
         return [peer for peer in peers if peer in self.args.peer_set
-                and (peer != CELERY or self.has_celery)]
+                and (peer not in (CELERY, CELERY_RPCR) or self.has_celery)]
 
     def missing(self, peer: str, errors: Dict[str, str]) -> str:
         """What a row says for a peer without a measurement."""
         if peer in errors:
             return f'FAILED: {errors[peer][:60]}'
-        if peer == CELERY and not self.has_celery:
+        if peer in (CELERY, CELERY_RPCR) and not self.has_celery:
             return 'n/a: celery is not installed'
         if peer not in self.args.peer_set:
             return 'n/a: not selected (--peers)'
@@ -337,7 +340,8 @@ class Bench:
             child = Child([self.c_binary, host, port, p['userid'], p['password'], p['virtual_host'],
                            raw_queue, str(count)], label=LABELS[C])
         else:
-            kind = {COMPILED: 'rpcresults', PURE: 'rpcresults', CELERY: 'celery', PYAMQP: 'pyamqp'}[peer]
+            kind = {COMPILED: 'rpcresults', PURE: 'rpcresults', CELERY: 'celery', CELERY_RPCR: 'celery-rpcresults',
+                    PYAMQP: 'pyamqp'}[peer]
             child = python_peer('join', {'url': self.url, 'kind': kind, 'seed': seed, 'count': count,
                                          'queue': raw_queue, 'timeout': timeout},
                                 pure=(peer == PURE), label=LABELS[peer])
@@ -371,11 +375,13 @@ class Bench:
             raise PeerFailed('the compiled peer runs the pure twin (USING_EXTENSION is False)')
         if peer == PURE and ready.get('using_extension'):
             raise PeerFailed('the pure peer runs the extension despite RPCRESULTS_NO_EXTENSIONS=1')
+        if peer == CELERY_RPCR and self.ext and not ready.get('using_extension'):
+            raise PeerFailed('the Celery drop-in runs the pure twin although the extension is built')
 
     def run_p1(self) -> None:
         count = self.args.count
         rounds = self.args.rounds
-        peers = self.selected(self.rpc_peers() + [CELERY, PYAMQP] + ([C] if self.c_binary else []))
+        peers = self.selected(self.rpc_peers() + [CELERY, CELERY_RPCR, PYAMQP] + ([C] if self.c_binary else []))
         runs: Dict[str, List[Dict[str, Any]]] = {peer: [] for peer in peers}
         errors: Dict[str, str] = {}
         for round_ in range(1, rounds + 1):
@@ -440,6 +446,11 @@ class Bench:
                 rows.append([LABELS[peer] if first else '', value(peer) if first else '', shown,
                              target if peer == COMPILED else f'({target}: compiled only)', met(ok)])
                 first = False
+        if CELERY_RPCR in summary and CELERY in summary:
+            dropin = f"{summary[CELERY_RPCR]['rate'] / summary[CELERY]['rate']:.2f}× celery"
+        else:
+            dropin = 'n/a vs celery'
+        rows.append([LABELS[CELERY_RPCR], value(CELERY_RPCR), dropin, '', ''])
         for peer in (CELERY, PYAMQP, C):
             if peer == C and not self.c_binary:
                 rows.append([LABELS[C], self.c_note, 'reference', '', ''])
@@ -447,6 +458,8 @@ class Bench:
             rows.append([LABELS[peer], value(peer), 'reference', '', ''])
         notes = [f"median of {data['rounds']} round(s) (min-max in brackets); every peer in its own "
                  'subprocess, connecting inside the timed section;',
+                 "Celery + rpcresults backend: the celery rpc:// workload (Celery's app, AsyncResult, "
+                 "ResultSet.join_native) with result_backend = 'rpcresults.contrib.celery:RPCBackend';",
                  'py-amqp: basic_consume, manual acks (multiple, every 256), json.loads of each body;',
                  'C: rabbitmq-c, same acks, parses frames and properties but NOT the JSON body.']
         return table(f"P1  join_native over {num(data['count'])} results waiting in the reply queue "
@@ -468,7 +481,8 @@ class Bench:
         rows = []
         celery = summary.get(CELERY, {}).get('cpu_us')
         for peer, target, bound in ((COMPILED, '≤ 3 µs', 3.0), (PURE, '≤ 12 µs', 12.0),
-                                    (CELERY, '', None), (PYAMQP, '', None), (C, '', None)):
+                                    (CELERY_RPCR, '', None), (CELERY, '', None), (PYAMQP, '', None),
+                                    (C, '', None)):
             if peer == COMPILED and not self.ext:
                 rows.append([LABELS[peer], self.not_built, 'n/a', target, 'n/a'])
                 continue
@@ -855,7 +869,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     if min(args.count, args.rounds, args.p3_count, args.p3_rounds, args.p5_batches, args.p4_count, args.p5_count) < 1:
         parser.error('counts and rounds must be at least 1')
     args.only_list = only
-    known = (COMPILED, PURE, CELERY, PYAMQP, C)
+    known = (COMPILED, PURE, CELERY, CELERY_RPCR, PYAMQP, C)
     args.peer_set = set(known)
     if args.peers:
         args.peer_set = {p.strip().lower() for p in args.peers.split(',') if p.strip()}

@@ -7,6 +7,8 @@ from .app import App, default_app
 from .exceptions import (BacklogLimitExceeded, ImproperlyConfigured, ReplyQueueLost, ResultEvicted,
                          SecurityError, TimeoutError)
 from .result import AsyncResult, EagerResult, GroupResult, ResultSet, result_from_tuple
+from .client import Client
+from .responder import BadRequest, Request, Responder
 
 __version__ = '0.1.0'
 
@@ -14,5 +16,5 @@ __all__ = (
     'App', 'default_app', 'AsyncResult', 'EagerResult', 'ResultSet', 'GroupResult',
     'result_from_tuple', 'states', 'exceptions', 'USING_EXTENSION', 'TimeoutError',
     'BacklogLimitExceeded', 'SecurityError', 'ReplyQueueLost', 'ResultEvicted', 'ImproperlyConfigured',
-    '__version__',
+    'Client', 'Responder', 'Request', 'BadRequest', '__version__',
 )

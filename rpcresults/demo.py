@@ -1,106 +1,72 @@
-"""The demo: worker processes publish results to this client's reply queue; the client joins them."""
+"""The demo: a :class:`Client` sends N calls, a :class:`Responder` answers them, the client joins them.
+
+When no broker answers, the demo says so and runs on ``memory://`` (kombu's
+in-process transport): the responder and the client then share this process.
+"""
 from __future__ import annotations
 
-import multiprocessing
 import sys
+import threading
 import time
 import uuid
-from typing import List, Optional, Sequence
+from typing import Any
 
+from ._cli_util import Progress, broker_problem, print_table
 from .app import App
+from .client import Client
 from .exceptions import TimeoutError
+from .responder import Responder
 from .result import ResultSet
 
-__all__ = ('demo',)
+__all__ = ('demo', 'square', 'MEMORY_FALLBACK')
+
+MEMORY_FALLBACK = 'memory://rpcresults-demo'
 
 
-def _worker(broker: str, reply_to: str, task_ids: Sequence[str], offset: int) -> None:
-    """One worker process: publish a SUCCESS for each id to the client's reply queue."""
-    app = App(broker)
-    backend = app.create_backend()
-    try:
-        for index, task_id in enumerate(task_ids, start=offset):
-            backend.mark_as_done(task_id, index * index,
-                                 request={'reply_to': reply_to, 'correlation_id': task_id})
-    finally:
-        backend.close()
+def square(payload: Any) -> Any:
+    """The demo's handler."""
+    return payload * payload
 
 
-def _broker_answers(app: App) -> Optional[str]:
-    connection = app.connection()
-    try:
-        connection.ensure_connection(max_retries=1)
-        return None
-    except Exception as exc:  # the reason is printed to the user
-        return str(exc) or type(exc).__name__
-    finally:
-        connection.release()
-
-
-def demo(broker: str, count: int, workers: int, timeout: float) -> int:
-    """Publish ``count`` results from ``workers`` processes; join them here; print what it took."""
-    app = App(broker)
-    problem = _broker_answers(app)
+def demo(broker: str, count: int, timeout: float, direct: bool = False, progress: bool = True) -> int:
+    """Run ``count`` calls through a responder thread and join them; print a table; 0 when all correct."""
+    problem = broker_problem(broker)
     if problem is not None:
-        print(f'no broker answers at {broker} ({problem}).\n'
-              f'Start RabbitMQ with: rabbitmq-server -detached   (or pass --broker URL)', file=sys.stderr)
-        return 2
-    client = app.backend
-    client.result_consumer.start()  # the reply queue exists before any worker publishes
-    task_ids: List[str] = [str(uuid.uuid4()) for _ in range(count)]
-    results = ResultSet([app.AsyncResult(task_id) for task_id in task_ids], app=app)
-    chunk = -(-count // workers)
-    context = multiprocessing.get_context('spawn')
-    processes = [
-        context.Process(target=_worker, args=(broker, client.oid, task_ids[start:start + chunk], start),
-                        daemon=True)
-        for start in range(0, count, chunk)
-    ]
-    print(f'rpcresults demo: {len(processes)} worker process(es) publish {count} results '
-          f'to reply queue {client.oid} on {broker}')
+        print(f'no broker answers at {broker} ({problem}); running on {MEMORY_FALLBACK} instead '
+              f'(in-process: the responder and the client share this process). '
+              f'Start RabbitMQ with: rabbitmq-server -detached (or pass --broker URL)', file=sys.stderr)
+        broker, direct = MEMORY_FALLBACK, False
+    backend_url = 'rpc+direct://' if direct else 'rpc://'
+    app = App(broker, result_backend=backend_url, result_reply_queue_expires=60)
+    queue = f'rpcresults-demo-{uuid.uuid4().hex[:12]}'
+    responder = Responder(App(broker), queue, square, prefetch=256, expires=60).start()
+    thread = threading.Thread(target=responder.run, kwargs={'timeout': timeout + 10},
+                              name='responder', daemon=True)
+    thread.start()
+    client = Client(app)
+    print(f'rpcresults demo: {count} calls to queue {queue} on {broker} ({backend_url}); '
+          f'a responder thread answers them', flush=True)
     started = time.perf_counter()
     cpu_started = time.process_time()
-    for process in processes:
-        process.start()
-    deadline = time.monotonic() + timeout
+    table = client.backend.result_consumer.table
+    bar = Progress(count, lambda: table.received, 'joining', enabled=progress)
     try:
-        while True:
-            try:
-                values = results.join_native(timeout=1.0)
-                break
-            except TimeoutError:
-                failed = [p for p in processes if p.exitcode not in (None, 0)]
-                if failed:
-                    print(f'{len(failed)} worker process(es) failed (exit codes '
-                          f'{[p.exitcode for p in failed]}); giving up', file=sys.stderr)
-                    return 1
-                if time.monotonic() >= deadline:
-                    print(f'the join did not finish within {timeout} s', file=sys.stderr)
-                    return 1
+        results = ResultSet([client.call(queue, index) for index in range(count)], app=app)
+        values = results.join_native(timeout=timeout, on_interval=bar.tick)
+    except TimeoutError:
+        print(f'the join did not finish within {timeout} s', file=sys.stderr)
+        return 1
     finally:
-        for process in processes:
-            process.join(timeout=10)
+        bar.close()
+        responder.stop()
+        thread.join(10)
+        responder.close()
+        client.close()
     elapsed = time.perf_counter() - started
     cpu = time.process_time() - cpu_started
-    expected = [index * index for index in range(count)]
-    ok = values == expected
-    stats = client.stats()
+    ok = values == [square(index) for index in range(count)]
     app.close()
-    rows = [
-        ('results joined', f'{len(values)}'),
-        ('all values correct, in order', 'yes' if ok else 'NO'),
-        ('wall time', f'{elapsed:.3f} s (includes starting {len(processes)} processes)'),
-        ('rate', f'{count / elapsed:,.0f} results/s'),
-        ('client CPU per result', f'{cpu / count * 1e6:.1f} µs'),
-        ('received / dispatched / buffered', f"{stats['received']} / {stats['dispatched']} / {stats['buffered']}"),
-        ('compiled drainer', 'yes' if _using_extension() else 'no (pure Python)'),
-    ]
-    width = max(len(name) for name, _ in rows)
-    for name, value in rows:
-        print(f'  {name:<{width}}  {value}')
+    print_table(['client', 'count', 'correct', 'seconds', 'results/s', 'CPU us/result (both sides)'],
+                [[f'rpcresults {backend_url}', len(values), 'yes' if ok else 'NO', f'{elapsed:.3f}',
+                  f'{count / elapsed:.0f}', f'{cpu / count * 1e6:.1f}']])
     return 0 if ok else 1
-
-
-def _using_extension() -> bool:
-    from . import USING_EXTENSION
-    return USING_EXTENSION

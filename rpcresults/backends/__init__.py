@@ -1,4 +1,4 @@
-"""Result backends, chosen by URL scheme (``rpc://``, ``redis://``, ``cache+memory://``, ``disabled://``)."""
+"""Result backends, chosen by URL scheme (``rpc://``, ``rpc+direct://``, ``redis://``, ``cache+memory://``, ``disabled://``)."""
 from __future__ import annotations
 
 from importlib import import_module
@@ -11,6 +11,7 @@ __all__ = ('BACKEND_ALIASES', 'by_name', 'by_url')
 #: URL scheme -> "module:Class".
 BACKEND_ALIASES: Dict[str, str] = {
     'rpc': 'rpcresults.backends.rpc:RPCBackend',
+    'rpc+direct': 'rpcresults.backends.direct:DirectReplyBackend',
     'redis': 'rpcresults.backends.kv:RedisBackend',
     'rediss': 'rpcresults.backends.kv:RedisBackend',
     'cache+memory': 'rpcresults.backends.kv:MemoryBackend',

@@ -36,6 +36,9 @@ logger = logging.getLogger(__name__)
 E_NO_GROUPS = ('The rpc:// result backend keeps no stored state, so it cannot {op} a group; '
                'use a key-value backend such as redis:// for saved groups.')
 
+#: RabbitMQ's direct reply-to pseudo-queue (and the prefix of the names it hands out).
+DIRECT_REPLY_TO = 'amq.rabbitmq.reply-to'
+
 #: Replies dispatched between two ack flushes while a burst is being read.
 ACK_BATCH = 1024
 
@@ -355,6 +358,8 @@ class RPCBackend(base.Backend, AsyncBackendMixin):
     def _publish(self, body: Dict[str, Any], routing_key: str, correlation_id: str, task_id: str) -> None:
         with self._publish_lock:
             producer = self._producer or self._new_producer()
+            # RabbitMQ returns direct reply-to publishes as unroutable even when it delivers them
+            mandatory = self.mandatory and not routing_key.startswith(DIRECT_REPLY_TO)
             options: Dict[str, Any] = {}
             if self.confirm:
                 options['confirm_timeout'] = self.confirm_timeout
@@ -363,7 +368,7 @@ class RPCBackend(base.Backend, AsyncBackendMixin):
                     body, exchange=self.exchange, routing_key=routing_key, correlation_id=correlation_id,
                     serializer=self.serializer, retry=True, retry_policy=self.retry_policy,
                     declare=self.on_reply_declare(task_id), delivery_mode=self.delivery_mode,
-                    mandatory=self.mandatory, **options)
+                    mandatory=mandatory, **options)
             except (MessageNacked, kombu.exceptions.OperationalError) as exc:
                 if not isinstance(exc, MessageNacked) and not isinstance(exc.__cause__, MessageNacked):
                     raise
@@ -372,7 +377,7 @@ class RPCBackend(base.Backend, AsyncBackendMixin):
                              task_id, routing_key)
                 raise ResultNotDelivered(task_id, routing_key, 'the broker nacked it') from None
             self.published += 1
-            if self.mandatory and not self.confirm:
+            if mandatory and not self.confirm:
                 self.collect_returns()
 
     def _new_producer(self) -> Any:

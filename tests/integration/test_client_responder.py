@@ -1,0 +1,158 @@
+"""Client -> Responder -> client over the real broker: values, re-raised exceptions, bulk joins,
+per-request expiration, requests without reply_to and undecodable requests."""
+from __future__ import annotations
+
+import uuid
+from typing import Any, Iterator
+
+import amqp
+import pytest
+
+from rpcresults import BadRequest, Client, Request, Responder, ResultSet
+from rpcresults.exceptions import TimeoutError
+from tests.helpers import Call, wait_until
+
+
+class HandlerError(KeyError):
+    """Raised by the handler; the caller must get this very type back."""
+
+
+def handler(payload: Any) -> Any:
+    if isinstance(payload, dict) and 'raise' in payload:
+        raise HandlerError(payload['raise'])
+    return {'echo': payload}
+
+
+def new_queue() -> str:
+    return f'rpcresults-test-responder-{uuid.uuid4().hex[:12]}'
+
+
+class Running:
+    """A responder answering in a thread until the test ends."""
+
+    def __init__(self, app: Any, queue: str, fn: Any = handler, **options: Any) -> None:
+        self.responder = Responder(app, queue, fn, expires=60, **options).start()
+        self.thread = Call(lambda: self.responder.run(timeout=120), name='responder')
+        self.thread.start()
+
+    def close(self) -> None:
+        self.responder.stop()
+        self.thread.outcome(15)
+        self.responder.close()
+
+
+@pytest.fixture
+def rpc(app) -> Iterator[Client]:
+    client = Client(app)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def running(app) -> Iterator[Running]:
+    served = Running(app, new_queue())
+    yield served
+    served.close()
+
+
+def test_call_returns_the_handlers_value(rpc: Client, running: Running) -> None:
+    result = rpc.call(running.responder.queue_name, [1, 'two', {'3': 4.5}])
+    assert result.get(timeout=10) == {'echo': [1, 'two', {'3': 4.5}]}
+    assert result.backend is rpc.backend
+    assert running.responder.stats()['succeeded'] == 1
+
+
+def test_handler_exception_is_raised_by_get_with_its_type(rpc: Client, running: Running) -> None:
+    result = rpc.call(running.responder.queue_name, {'raise': 'no such key'})
+    with pytest.raises(HandlerError) as info:
+        result.get(timeout=10)
+    assert info.value.args == ('no such key',)
+    assert result.state == 'FAILURE'
+    assert 'HandlerError' in (result.traceback or '')
+    # the responder goes on after a failure
+    assert rpc.call(running.responder.queue_name, 7).get(timeout=10) == {'echo': 7}
+
+
+def test_thousand_calls_joined_natively(rpc: Client, running: Running) -> None:
+    results = ResultSet([rpc.call(running.responder.queue_name, index) for index in range(1000)])
+    assert results.join_native(timeout=60) == [{'echo': index} for index in range(1000)]
+    assert running.responder.stats()['handled'] == 1000
+
+
+def test_request_carries_reply_to_and_correlation_id(app, rpc: Client) -> None:
+    seen = []
+
+    def with_request(payload: Any, request: Request) -> Any:
+        seen.append(request)
+        return request.correlation_id
+
+    served = Running(app, new_queue(), with_request, pass_request=True)
+    try:
+        task_id = str(uuid.uuid4())
+        result = rpc.call(served.responder.queue_name, 'x', task_id=task_id, headers={'h': 'v'})
+        assert result.get(timeout=10) == task_id
+        (request,) = seen
+        assert request.reply_to == rpc.backend.oid
+        assert request.headers['h'] == 'v'
+        assert request.task is None
+    finally:
+        served.close()
+
+
+def test_expired_request_is_never_handled(app, rpc: Client, raw: amqp.Connection) -> None:
+    queue = new_queue()
+    channel = raw.channel()
+    channel.queue_declare(queue, durable=True, auto_delete=False, arguments={'x-expires': 60000})
+    doomed = rpc.call(queue, 'too late', expiration=1.0)
+    # it is queued (the publish is asynchronous) ...
+    wait_until(lambda: channel.queue_declare(queue, passive=True).message_count == 1, timeout=15,
+               what='the request to be queued')
+    # ... and the broker drops it at the head of the queue once its TTL passes
+    wait_until(lambda: channel.queue_declare(queue, passive=True).message_count == 0, timeout=15,
+               what='the expired request to be dropped')
+    served = Running(app, queue)
+    try:
+        assert rpc.call(queue, 'in time').get(timeout=10) == {'echo': 'in time'}
+        with pytest.raises(TimeoutError):
+            doomed.get(timeout=1.0)
+        assert doomed.id not in served.responder.seen
+        assert served.responder.stats()['handled'] == 1
+    finally:
+        served.close()
+        channel.close()
+
+
+def test_request_without_reply_to_is_counted_and_acked(rpc: Client, running: Running,
+                                                       raw: amqp.Connection) -> None:
+    channel = raw.channel()
+    channel.basic_publish(amqp.Message('{"a": 1}', content_type='application/json'),
+                          exchange='', routing_key=running.responder.queue_name)
+    wait_until(lambda: running.responder.stats()['no_reply_to'] == 1, timeout=10,
+               what='the responder to drop the request')
+    assert running.responder.stats()['handled'] == 0
+    assert rpc.call(running.responder.queue_name, 1).get(timeout=10) == {'echo': 1}
+    ok = channel.queue_declare(running.responder.queue_name, passive=True)
+    assert ok.message_count == 0
+    channel.close()
+
+
+@pytest.mark.parametrize('content_type,body', [
+    ('application/x-python-serialize', b'\x80\x04K\x01.'),  # pickle: not accepted
+    ('application/json', b'{not json'),
+])
+def test_undecodable_request_fails_the_caller_clearly(rpc: Client, running: Running,
+                                                      raw: amqp.Connection, content_type: str,
+                                                      body: bytes) -> None:
+    task_id = str(uuid.uuid4())
+    result = rpc.backend.app.AsyncResult(task_id)
+    rpc.backend.result_consumer.start()  # the reply queue exists before the request goes out
+    channel = raw.channel()
+    channel.basic_publish(amqp.Message(body, content_type=content_type, reply_to=rpc.backend.oid,
+                                       correlation_id=task_id),
+                          exchange='', routing_key=running.responder.queue_name)
+    with pytest.raises(BadRequest) as info:
+        result.get(timeout=10)
+    assert 'cannot decode request' in str(info.value)
+    assert content_type in str(info.value)
+    assert running.responder.stats()['bad_requests'] == 1
+    channel.close()

@@ -1,0 +1,127 @@
+"""Direct reply-to (``rpc+direct://``) on the real broker: round trips, a bulk join, and what a
+lost connection honestly means there (in-flight replies are gone: waiters get ReplyQueueLost,
+not a hang; calls made after the reconnect work)."""
+from __future__ import annotations
+
+import threading
+import uuid
+from typing import Any, Iterator
+from urllib.parse import urlparse
+
+import pytest
+
+from rpcresults import Client, ReplyQueueLost, Responder, ResultSet
+from rpcresults.backends.direct import DIRECT_REPLY_QUEUE, DirectReplyBackend
+from tests.conftest import make_app
+from tests.helpers import Call, wait_until
+from tests.proxy import TcpProxy
+
+
+def double(payload: Any) -> Any:
+    return payload * 2
+
+
+class Running:
+    """A responder (plain rpc:// app, straight to the broker) answering in a thread."""
+
+    def __init__(self, broker_url: str, fn: Any = double) -> None:
+        self.app = make_app(broker_url)
+        self.queue = f'rpcresults-test-direct-{uuid.uuid4().hex[:12]}'
+        self.responder = Responder(self.app, self.queue, fn, expires=60).start()
+        self.thread = Call(lambda: self.responder.run(timeout=120), name='responder')
+        self.thread.start()
+
+    def close(self) -> None:
+        self.responder.stop()
+        self.thread.outcome(15)
+        self.responder.close()
+        self.app.close()
+
+
+@pytest.fixture
+def running(broker_url: str) -> Iterator[Running]:
+    served = Running(broker_url)
+    yield served
+    served.close()
+
+
+@pytest.fixture
+def direct_app(broker_url: str):
+    app = make_app(broker_url, result_backend='rpc+direct://')
+    yield app
+    app.close()
+
+
+def test_round_trip_through_the_pseudo_queue(direct_app, running: Running) -> None:
+    seen = []
+    running.responder.handler = lambda payload: seen.append(payload) or payload * 2
+    client = Client(direct_app)
+    try:
+        assert isinstance(client.backend, DirectReplyBackend)
+        assert client.oid == DIRECT_REPLY_QUEUE
+        assert client.call(running.queue, 21).get(timeout=10) == 42
+        assert seen == [21]
+        assert client.backend.stats()['received'] == 1
+    finally:
+        client.close()
+
+
+def test_five_hundred_results_joined(direct_app, running: Running) -> None:
+    client = Client(direct_app)
+    try:
+        results = ResultSet([client.call(running.queue, index) for index in range(500)])
+        assert results.join_native(timeout=60) == [index * 2 for index in range(500)]
+        assert running.responder.stats()['succeeded'] == 500
+    finally:
+        client.close()
+
+
+def test_replies_in_flight_at_a_disconnect_are_lost_and_waiters_are_told(broker_url: str) -> None:
+    gate = threading.Event()
+    entered = threading.Event()
+
+    def slow(payload: Any) -> Any:
+        entered.set()
+        gate.wait(30)
+        return payload
+
+    served = Running(broker_url, slow)
+    target = urlparse(broker_url)
+    try:
+        with TcpProxy(target.hostname or '127.0.0.1', target.port or 5672) as proxy:
+            app = make_app(proxy.url_for(broker_url), result_backend='rpc+direct://')
+            client = Client(app)
+            try:
+                pending = [client.call(served.queue, index) for index in range(3)]
+                assert entered.wait(15), 'the responder never got the first request'
+                assert proxy.cut() >= 1
+                gate.set()
+                # every reply is published, to an address whose channel is gone
+                wait_until(lambda: served.responder.stats()['succeeded'] == 3, timeout=15,
+                           what='the responder to answer all three')
+                with pytest.raises(ReplyQueueLost) as info:
+                    ResultSet(pending).join_native(timeout=20)
+                assert 'direct reply-to' in str(info.value)
+                for result in pending:  # a later wait is told too (nothing can deliver them now)
+                    with pytest.raises(ReplyQueueLost):
+                        result.get(timeout=20)
+                stats = client.backend.stats()
+                assert stats['reconnects'] >= 1 and stats['queues_lost'] == 1
+                # the new channel has a new address: calls made now are answered
+                assert client.call(served.queue, 5).get(timeout=15) == 5
+            finally:
+                client.close()
+                app.close()
+    finally:
+        gate.set()
+        served.close()
+
+
+def test_memory_transport_is_refused_clearly() -> None:
+    app = make_app(f'memory://{uuid.uuid4().hex}', result_backend='rpc+direct://')
+    try:
+        with pytest.raises(Exception) as info:
+            Client(app).call('nowhere', 1)
+        assert 'RabbitMQ' in str(info.value)
+    finally:
+        app.close()
