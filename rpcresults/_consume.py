@@ -106,6 +106,9 @@ class ReplyChannel:
 class AmqpReplyChannel(ReplyChannel):
     """py-amqp channel: our own chunked reads and frame parser (plain TCP), batched acks."""
 
+    #: Consume without acks (direct reply-to, where RabbitMQ refuses them).
+    no_ack = False
+
     def __init__(self, channel: Any, table: Any, on_cancel: OnCancel) -> None:
         super().__init__(channel, table, on_cancel)
         self._last_tag = 0
@@ -123,7 +126,7 @@ class AmqpReplyChannel(ReplyChannel):
         self._last_tag = 0
         self.unacked = 0
         self.consumer_tag = self.channel.basic_consume(
-            queue=queue, consumer_tag=consumer_tag, no_ack=False,
+            queue=queue, consumer_tag=consumer_tag, no_ack=self.no_ack,
             callback=self._on_message, on_cancel=self.on_cancel)
         if self._parser is None:
             self._parser = FrameParser(self.channel.channel_id, self.consumer_tag,

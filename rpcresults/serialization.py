@@ -110,7 +110,8 @@ def exception_to_python(exc: Any) -> Optional[BaseException]:
         return exc
     if not isinstance(exc, Mapping):
         raise SecurityError(
-            f'expected an exception mapping with exc_type/exc_message/exc_module, got {type(exc).__name__}: {exc!r:.200}')
+            'expected an exception mapping with exc_type/exc_message/exc_module, '
+            f'got {type(exc).__name__}: {exc!r:.200}')
     try:
         name = exc['exc_type']
     except KeyError:

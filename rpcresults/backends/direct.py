@@ -25,14 +25,12 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 import uuid
 from typing import Any, Dict, Optional
 
 import kombu
 
 from .._consume import AmqpReplyChannel, ReplyChannel
-from .._drain import FrameParser
 from ..exceptions import ImproperlyConfigured, ReplyQueueLost
 from .asynchronous import error_meta
 from .rpc import DIRECT_REPLY_TO, ResultConsumer, RPCBackend
@@ -51,19 +49,7 @@ E_LOST = ('direct reply-to keeps no queue: replies in flight when the connection
 class _DirectReplyChannel(AmqpReplyChannel):
     """The py-amqp adapter consuming the pseudo-queue without acks (RabbitMQ refuses acks there)."""
 
-    def consume(self, queue: str, consumer_tag: str) -> None:
-        self.settle()
-        self._last_tag = 0
-        self.unacked = 0
-        self.consumer_tag = self.channel.basic_consume(
-            queue=queue, consumer_tag=consumer_tag, no_ack=True,
-            callback=self._on_message, on_cancel=self.on_cancel)
-        parser = self._parser
-        if parser is None:
-            self._parser = FrameParser(self.channel.channel_id, self.consumer_tag,
-                                       self._connection.frame_max or 0)
-        else:
-            parser.set_consumer_tag(self.consumer_tag)
+    no_ack = True
 
     def flush_acks(self) -> None:
         self.acked += self.unacked  # no_ack: the broker forgot them when it sent them
@@ -78,25 +64,19 @@ class DirectResultConsumer(ResultConsumer):
         self.write_lock = threading.RLock()  # requests, heartbeats: one writer at a time
         self.channel: Any = None
 
-    def _connect(self, reconnect: bool) -> None:
-        connection = self.app.connection()
-        if getattr(connection.transport, 'driver_type', None) != 'amqp':
+    def _open_connection(self) -> Any:
+        if getattr(self.app.connection().transport, 'driver_type', None) != 'amqp':
             raise ImproperlyConfigured('direct reply-to (rpc+direct://) needs a RabbitMQ broker (amqp://)')
-        timeout = None if self.deadline is None else max(self.deadline - time.monotonic(), 0.5)
-        connection.ensure_connection(max_retries=self.app.conf.broker_connection_max_retries,
-                                     interval_start=0, interval_step=0.5, interval_max=2, timeout=timeout)
-        self._connection_errors = tuple(connection.connection_errors) + tuple(connection.channel_errors)
+        return super()._open_connection()
+
+    def _connect(self, reconnect: bool) -> None:
+        connection = self._open_connection()
         channel = connection.channel()
         replies: ReplyChannel = _DirectReplyChannel(channel, self.table, self._on_cancel)
         self._consumer_tag = f'rpcresults-direct-{uuid.uuid4()}'
         replies.consume(DIRECT_REPLY_QUEUE, self._consumer_tag)
         self.channel = channel
-        self._connection = connection
-        self._replies = replies
-        self._connected_once = True
-        self._queue_cancelled = False
-        heartbeat = connection.heartbeat or 0
-        self._heartbeat_due = time.monotonic() + heartbeat / 4 if heartbeat else float('inf')
+        self._attach(connection, replies)
         if reconnect:
             self._report_lost(E_LOST)
 

@@ -29,7 +29,7 @@ from ..exceptions import BacklogLimitExceeded, ReplyQueueLost, ResultNotDelivere
 from . import base
 from .asynchronous import AsyncBackendMixin, BaseResultConsumer
 
-__all__ = ('RPCBackend', 'ResultConsumer', 'BacklogLimitExceeded')
+__all__ = ('RPCBackend', 'ResultConsumer', 'BacklogLimitExceeded', 'make_state_table')
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,14 @@ DIRECT_REPLY_TO = 'amq.rabbitmq.reply-to'
 
 #: Replies dispatched between two ack flushes while a burst is being read.
 ACK_BATCH = 1024
+
+
+def make_state_table(accept: Any, buffer_max: int, keep_late: bool) -> StateTable:
+    """A state table decoding replies of the content types in ``accept``."""
+    accept = frozenset(accept or ())
+    decode = lambda body, ctype, cenc: serialization.decode(body, ctype, cenc, accept)  # noqa: E731
+    return StateTable(decode, buffer_max=buffer_max, keep_late=keep_late,
+                      fast_json='application/json' in accept)
 
 
 class ResultConsumer(BaseResultConsumer):
@@ -97,14 +105,27 @@ class ResultConsumer(BaseResultConsumer):
     def consume_from(self, task_id: str) -> None:
         self.start()
 
-    def _connect(self, reconnect: bool) -> None:
+    def _open_connection(self) -> Any:
+        """A connected broker connection; a waiter's deadline bounds the retrying (the next wait tries again)."""
         conf = self.app.conf
         connection = self.app.connection()
-        # a waiter's deadline bounds the retrying; when it gives up, the next wait tries again
         timeout = None if self.deadline is None else max(self.deadline - time.monotonic(), 0.5)
         connection.ensure_connection(max_retries=conf.broker_connection_max_retries,
                                      interval_start=0, interval_step=0.5, interval_max=2, timeout=timeout)
         self._connection_errors = tuple(connection.connection_errors) + tuple(connection.channel_errors)
+        return connection
+
+    def _attach(self, connection: Any, replies: ReplyChannel) -> None:
+        """Make ``replies`` on ``connection`` the live consumer."""
+        self._connection = connection
+        self._replies = replies
+        self._connected_once = True
+        self._queue_cancelled = False
+        heartbeat = connection.heartbeat or 0
+        self._heartbeat_due = time.monotonic() + heartbeat / 4 if heartbeat else float('inf')
+
+    def _connect(self, reconnect: bool) -> None:
+        connection = self._open_connection()
         channel = connection.channel()
         queue_name = self.backend.oid
         lost = False
@@ -118,12 +139,7 @@ class ResultConsumer(BaseResultConsumer):
         replies = reply_channel_for(channel, self.table, self._on_cancel)
         self._consumer_tag = f'rpcresults-{uuid.uuid4()}'
         replies.consume(queue_name, self._consumer_tag)
-        self._connection = connection
-        self._replies = replies
-        self._connected_once = True
-        self._queue_cancelled = False
-        heartbeat = connection.heartbeat or 0
-        self._heartbeat_due = time.monotonic() + heartbeat / 4 if heartbeat else float('inf')
+        self._attach(connection, replies)
         if lost:
             self._report_queue_lost('the reply queue was gone when the connection came back')
 
@@ -290,11 +306,7 @@ class RPCBackend(base.Backend, AsyncBackendMixin):
 
     def _new_table(self) -> StateTable:
         conf = self.app.conf
-        accept = self.accept
-        decode = lambda body, ctype, cenc: serialization.decode(body, ctype, cenc, accept)  # noqa: E731
-        return StateTable(decode, buffer_max=conf.result_buffer_max,
-                          keep_late=conf.result_keep_late_replies,
-                          fast_json='application/json' in accept)
+        return make_state_table(self.accept, conf.result_buffer_max, conf.result_keep_late_replies)
 
     # -- the reply queue ---------------------------------------------------------------------
     @property
@@ -406,8 +418,10 @@ class RPCBackend(base.Backend, AsyncBackendMixin):
             return self.returned
         connection = self._producer_connection
         wait = timeout
+        poller = select.poll()  # not select(): descriptors above 1024 are common in workers
+        poller.register(sock, select.POLLIN)
         try:
-            while select.select([sock], [], [], wait)[0]:
+            while poller.poll(wait * 1000):
                 raw.drain_events(timeout=0.5)
                 wait = 0
         except (socket.timeout, OSError, *connection.connection_errors, *connection.channel_errors):

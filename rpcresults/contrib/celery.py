@@ -20,10 +20,12 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tupl
 from celery.backends import rpc as celery_rpc
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 
-from .. import serialization
+from .. import _fork
 from .._drain import StateTable
-from ..backends.asynchronous import ErrorMeta
+from ..backends.asynchronous import AsyncBackendMixin
 from ..backends.rpc import ResultConsumer as _RPCResultConsumer
+from ..backends.rpc import RPCBackend as _OurRPCBackend
+from ..backends.rpc import make_state_table
 from ..exceptions import TimeoutError as WaitTimeout
 
 __all__ = ('RPCBackend', 'ResultConsumer')
@@ -86,14 +88,12 @@ class RPCBackend(celery_rpc.RPCBackend):
         super().__init__(app, *args, **kwargs)
         if not hasattr(self._cache, 'limit'):
             self._cache = _NoCache()
+        _fork.register(self)  # Celery's own hook covers multiprocessing only, not a bare os.fork()
 
     def _new_table(self) -> StateTable:
         conf = self.app.conf
-        accept = frozenset(self.accept or ())
-        decode = lambda body, ctype, cenc: serialization.decode(body, ctype, cenc, accept)  # noqa: E731
-        return StateTable(decode, buffer_max=conf.get('result_buffer_max', BUFFER_MAX),
-                          keep_late=conf.get('result_keep_late_replies', KEEP_LATE),
-                          fast_json='application/json' in accept)
+        return make_state_table(self.accept, conf.get('result_buffer_max', BUFFER_MAX),
+                                conf.get('result_keep_late_replies', KEEP_LATE))
 
     # -- registering results -----------------------------------------------------------------
     def add_pending_result(self, result: Any, weak: bool = False, start_drainer: bool = True) -> Any:
@@ -118,18 +118,9 @@ class RPCBackend(celery_rpc.RPCBackend):
                          on_interval: Optional[Callable[[], Any]] = None, **kwargs: Any) -> Any:
         """What ``AsyncResult.get`` calls: wait on our consumer, then let Celery raise or return."""
         self._ensure_not_eager()
-        meta: Any = None
-        for _, meta in self.result_consumer.iter_ready([result], timeout=timeout, on_message=on_message,
-                                                       on_interval=on_interval):
-            pass
-        if isinstance(meta, ErrorMeta):  # ours (lost queue, evicted, malformed): raised, never cached
-            error = meta['result']
-            if propagate:
-                raise error
-            if callback is not None:
-                callback(result.id, error)
-            return error
-        return result.maybe_throw(callback=callback, propagate=propagate)
+        return AsyncBackendMixin.wait_for_pending(self, result, timeout=timeout, on_message=on_message,
+                                                  on_interval=on_interval, callback=callback,
+                                                  propagate=propagate)
 
     def iter_native(self, result: Any, timeout: Optional[float] = None, interval: float = 0.5,
                     no_ack: bool = True, on_message: Optional[Callable[[Meta], Any]] = None,
@@ -151,14 +142,8 @@ class RPCBackend(celery_rpc.RPCBackend):
                                                        on_interval=on_interval)
 
     # -- polling -----------------------------------------------------------------------------
-    def get_task_meta(self, task_id: str, backlog_limit: int = 1000) -> Meta:
-        """What ``AsyncResult.state`` reads: the newest state after reading what already arrived."""
-        consumer = self.result_consumer
-        consumer.start()
-        _, exhausted = consumer.drainer.drain_now(backlog_limit)
-        if not exhausted:
-            raise self.BacklogLimitExceeded(task_id)
-        return consumer.lookup(task_id)
+    #: What ``AsyncResult.state`` reads: the newest state after reading what already arrived.
+    get_task_meta = _OurRPCBackend.get_task_meta
 
     poll = get_task_meta
 
