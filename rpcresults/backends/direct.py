@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Set
 
 import kombu
 
@@ -124,6 +124,10 @@ class DirectReplyBackend(RPCBackend):
 
     ResultConsumer = DirectResultConsumer  # type: ignore[assignment]
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._known_exchanges: Set[str] = set()
+
     def reply_properties(self, task_id: str) -> Dict[str, str]:
         return {'reply_to': DIRECT_REPLY_QUEUE, 'correlation_id': task_id}
 
@@ -134,6 +138,8 @@ class DirectReplyBackend(RPCBackend):
     def publish_request(self, body: Any, routing_key: str, exchange: str = '', **options: Any) -> None:
         """Publish a request on the consuming channel (the only one whose replies reach us)."""
         consumer: DirectResultConsumer = self.result_consumer  # type: ignore[assignment]
+        if exchange and exchange not in self._known_exchanges:
+            self._check_exchange(exchange)
         consumer.start()
         with consumer.write_lock:
             channel = consumer.channel
@@ -142,6 +148,19 @@ class DirectReplyBackend(RPCBackend):
                 channel = consumer.channel
             producer = kombu.Producer(channel, auto_declare=False)
             producer.publish(body, routing_key=routing_key, exchange=exchange, retry=False, **options)
+
+    def _check_exchange(self, exchange: str) -> None:
+        """Raise if ``exchange`` does not exist, checked on a connection of its own.
+
+        Publishing to a missing exchange makes the broker close the channel, and with it
+        the direct reply-to consumer: every pending reply would be lost.
+        """
+        with self.app.connection() as connection:
+            try:
+                connection.default_channel.exchange_declare(exchange, 'direct', passive=True)
+            except connection.channel_errors as exc:
+                raise ImproperlyConfigured(f'cannot send requests to exchange {exchange!r}: {exc}') from None
+        self._known_exchanges.add(exchange)
 
     def as_uri(self, include_password: bool = True) -> str:
         return 'rpc+direct://'

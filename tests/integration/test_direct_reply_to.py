@@ -125,3 +125,16 @@ def test_memory_transport_is_refused_clearly() -> None:
         assert 'RabbitMQ' in str(info.value)
     finally:
         app.close()
+
+
+def test_a_request_to_a_missing_exchange_fails_alone(direct_app, running: Running) -> None:
+    from rpcresults.exceptions import ImproperlyConfigured
+    client = Client(direct_app)
+    try:
+        pending = client.call(running.queue, 5)
+        with pytest.raises(ImproperlyConfigured, match='no-such-exchange'):
+            client.call(running.queue, 6, exchange=f'no-such-exchange-{uuid.uuid4().hex}')
+        assert pending.get(timeout=15) == 10  # the consuming channel, and this reply, survived
+        assert client.backend.stats()['reconnects'] == 0
+    finally:
+        client.close()
