@@ -81,6 +81,8 @@ cdef class FrameParser:
     cdef Py_ssize_t _consumed
 
     def __init__(self, int channel, consumer_tag, frame_max=131072, max_body=DEFAULT_MAX_BODY):
+        if max_body < 0:
+            raise ValueError(f'max_body must be 0 or more, not {max_body}')
         self.channel = channel
         self.consumer_tag = consumer_tag.encode('utf-8')
         self.frame_max = frame_max

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import socket
 import struct
 from typing import Any, Callable, List, Optional
@@ -30,6 +31,8 @@ OnCancel = Callable[[str], Any]
 
 #: Size of the reusable receive buffer of the fast path.
 CHUNK_SIZE = 256 * 1024
+#: How long a poll on py-amqp's own reader waits for the rest of a frame that has started.
+PARTIAL_FRAME_WAIT = 0.05
 #: Method-frame payload prefix of ``channel.close`` (class 20, method 40).
 CHANNEL_CLOSE = struct.pack('>HH', 20, 40)
 
@@ -144,6 +147,12 @@ class AmqpReplyChannel(ReplyChannel):
 
     def read(self, connection: Any, timeout: Optional[float]) -> bool:
         if not self.fast or self._parser is None:
+            if timeout == 0:
+                # py-amqp retries EAGAIN forever inside a started frame on a non-blocking socket:
+                # look for input first, then read with a short real timeout
+                if not self._transport._read_buffer and not _readable(self._transport.sock):
+                    return False
+                timeout = PARTIAL_FRAME_WAIT
             return super().read(connection, timeout)
         transport = self._transport
         pending = transport._read_buffer
@@ -233,6 +242,14 @@ class VirtualReplyChannel(ReplyChannel):
             self.channel.basic_ack(tag)
         self.acked += len(tags)
         self.unacked = 0
+
+
+def _readable(sock: Any) -> bool:
+    if sock is None:
+        return True  # let the read raise on the closed connection
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def reply_channel_for(channel: Any, table: Any, on_cancel: OnCancel) -> ReplyChannel:

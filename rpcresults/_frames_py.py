@@ -61,6 +61,8 @@ class FrameParser:
 
     def __init__(self, channel: int, consumer_tag: str, frame_max: int = 131072,
                  max_body: int = DEFAULT_MAX_BODY) -> None:
+        if max_body < 0:
+            raise ValueError(f'max_body must be 0 or more, not {max_body}')
         self.channel = channel
         self.consumer_tag = consumer_tag.encode('utf-8')
         self.frame_max = frame_max

@@ -103,6 +103,20 @@ def raw(broker_url: str):
     conn.close()
 
 
+@pytest.fixture
+def publish(raw):
+    """Publish a raw reply to a queue through the default exchange (as any worker could)."""
+    import amqp
+    channel = raw.channel()
+
+    def send(queue: str, body, **properties) -> None:
+        if isinstance(body, str):
+            body = body.encode('utf-8')
+        channel.basic_publish(amqp.Message(body, **properties), exchange='', routing_key=queue)
+
+    return send
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
     """With ``RPCRESULTS_NO_EXTENSIONS`` set, the compiled-twin cases are deselected, not skipped:
     CI runs them in its other pass, and this pass reports only what it really tests."""

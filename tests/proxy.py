@@ -16,6 +16,10 @@ pair that was live is closed.
         proxy.stall()    # live pairs keep reading but write nothing: bytes pile up here
         proxy.held()     # how many bytes are held (a cut drops them, as a dead network would)
 
+    with TcpProxy('127.0.0.1', 5672, track_frames=True) as proxy:
+        ...
+        proxy.inject(b'garbage')  # into each live pair's broker->client stream, at a frame boundary
+
 Pure stdlib.
 """
 from __future__ import annotations
@@ -24,6 +28,7 @@ import queue
 import selectors
 import socket
 import threading
+from struct import unpack_from
 from typing import Any, Dict, List, Optional, Tuple
 from urllib.parse import urlsplit, urlunsplit
 
@@ -37,12 +42,46 @@ HIGH_WATER = 4 * 1024 * 1024
 CONTROL_TIMEOUT = 10.0
 
 
+class _FrameBoundaries:
+    """Follows an AMQP 0-9-1 frame stream (broker to client) to know where its frames end."""
+
+    __slots__ = ('_header', '_left')
+
+    def __init__(self) -> None:
+        self._header = bytearray()  # the part of a 7-byte frame header read so far
+        self._left = 0              # payload and frame-end bytes of the current frame still due
+
+    @property
+    def at_boundary(self) -> bool:
+        return not self._header and not self._left
+
+    def ends_in(self, data: bytes) -> List[int]:
+        """Follow ``data``; the offsets in it (1..len) just past a frame end."""
+        ends: List[int] = []
+        pos, total = 0, len(data)
+        while pos < total:
+            if self._left:
+                step = min(self._left, total - pos)
+                pos += step
+                self._left -= step
+                if not self._left:
+                    ends.append(pos)
+                continue
+            take = min(7 - len(self._header), total - pos)
+            self._header += data[pos:pos + take]
+            pos += take
+            if len(self._header) == 7:
+                self._left = unpack_from('>I', self._header, 3)[0] + 1
+                self._header.clear()
+        return ends
+
+
 class _Pair:
     """A client socket, its upstream socket, and what waits to be written to each."""
 
-    __slots__ = ('client', 'upstream', 'out', 'events', 'eof', 'closed', 'stalled')
+    __slots__ = ('client', 'upstream', 'out', 'events', 'eof', 'closed', 'stalled', 'frames', 'inject')
 
-    def __init__(self, client: socket.socket, upstream: socket.socket) -> None:
+    def __init__(self, client: socket.socket, upstream: socket.socket, track_frames: bool = False) -> None:
         self.client = client
         self.upstream = upstream
         # bytes waiting to be written *to* the keyed socket
@@ -51,6 +90,10 @@ class _Pair:
         self.eof = False  # one side ended: flush what is buffered, then close both
         self.closed = False
         self.stalled = False  # read, buffer, but write nothing (a black-holed link)
+        # frame boundaries of the broker->client stream (only with track_frames), and bytes to
+        # put into that stream at the next boundary
+        self.frames: Optional[_FrameBoundaries] = _FrameBoundaries() if track_frames else None
+        self.inject = bytearray()
 
     def peer(self, sock: socket.socket) -> socket.socket:
         return self.upstream if sock is self.client else self.client
@@ -60,8 +103,11 @@ class TcpProxy:
     """Forward 127.0.0.1:<ephemeral port> to ``(target_host, target_port)``."""
 
     def __init__(self, target_host: str, target_port: int, listen_host: str = '127.0.0.1',
-                 connect_timeout: float = 5.0) -> None:
+                 connect_timeout: float = 5.0, track_frames: bool = False) -> None:
         self.target = (target_host, int(target_port))
+        #: follow AMQP frame boundaries of what the broker sends (needed by ``inject``)
+        self.track_frames = track_frames
+        self.injected = 0   # injections placed into a client-bound stream
         self.listen_host = listen_host
         self.connect_timeout = connect_timeout
         self.port = 0
@@ -142,6 +188,15 @@ class TcpProxy:
         """Bytes read but not yet written, over every live pair."""
         return self._control('held')
 
+    def inject(self, data: bytes) -> int:
+        """Put ``data`` into every live pair's broker->client stream at a frame boundary: at once
+        when the broker's bytes forwarded so far end on one, else right after the frame in
+        progress. Needs ``track_frames=True``. Returns how many pairs it was queued for;
+        ``injected`` counts the ones placed."""
+        if not self.track_frames:
+            raise RuntimeError('inject() needs a TcpProxy(..., track_frames=True)')
+        return self._control('inject', bytes(data))
+
     def close(self) -> None:
         """Stop the loop and close every socket (idempotent)."""
         thread = self._thread
@@ -167,11 +222,12 @@ class TcpProxy:
                 f'accepted={self.accepted} live={self.live} cuts={self.cuts}>')
 
     # -- control -----------------------------------------------------------------------------
-    def _control(self, command: str) -> Any:
+    def _control(self, command: str, argument: Any = None) -> Any:
         if self._thread is None or not self._thread.is_alive():
             raise RuntimeError('the proxy is not running')
         done = threading.Event()
         done.result = None  # type: ignore[attr-defined]
+        done.argument = argument  # type: ignore[attr-defined]
         self._commands.put((command, done))
         try:
             self._wake_w.send(b'x')  # type: ignore[union-attr]
@@ -217,6 +273,16 @@ class TcpProxy:
                 with self._lock:
                     pairs = list(self._pairs)
                 result = sum(len(buf) for pair in pairs for buf in pair.out.values())
+            elif command == 'inject':
+                with self._lock:
+                    pairs = list(self._pairs)
+                for pair in pairs:
+                    pair.inject += done.argument  # type: ignore[attr-defined]
+                    if pair.frames is not None and pair.frames.at_boundary:
+                        self._place_injection(pair, 0, b'')
+                    if not pair.closed:
+                        self._update(pair)
+                result = len(pairs)
             elif command == 'stop':
                 keep_going = False
             done.result = result  # type: ignore[attr-defined]
@@ -283,7 +349,7 @@ class TcpProxy:
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 except OSError:
                     pass
-            pair = _Pair(client, upstream)
+            pair = _Pair(client, upstream, self.track_frames)
             with self._lock:
                 self._pairs.append(pair)
             self.accepted += 1
@@ -301,9 +367,25 @@ class TcpProxy:
             pair.eof = True
             self._maybe_finish(pair)
             return
+        if sock is pair.upstream and pair.frames is not None:
+            ends = pair.frames.ends_in(data)
+            if pair.inject and ends:
+                self._place_injection(pair, ends[0], data)
+                return
         pair.out[pair.peer(sock)] += data
         if not pair.stalled:
             self._on_writable(pair, pair.peer(sock))  # try at once: usually it all goes
+
+    def _place_injection(self, pair: _Pair, at: int, data: bytes) -> None:
+        """Queue ``data[:at]``, the pending injection, then ``data[at:]`` for the client."""
+        out = pair.out[pair.client]
+        out += data[:at]
+        out += pair.inject
+        out += data[at:]
+        pair.inject.clear()
+        self.injected += 1
+        if not pair.stalled:
+            self._on_writable(pair, pair.client)
 
     def _on_writable(self, pair: _Pair, sock: socket.socket) -> None:
         buf = pair.out[sock]

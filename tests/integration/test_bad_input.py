@@ -43,19 +43,6 @@ class Evil:
 
 
 
-@pytest.fixture
-def publish(raw: amqp.Connection) -> Callable[..., None]:
-    """Publish a raw reply to a queue through the default exchange (as any worker could)."""
-    channel = raw.channel()
-
-    def send(queue: str, body: Any, **properties: Any) -> None:
-        if isinstance(body, str):
-            body = body.encode('utf-8')
-        channel.basic_publish(amqp.Message(body, **properties), exchange='', routing_key=queue)
-
-    return send
-
-
 def consumers(raw: amqp.Connection, queue: str) -> int:
     channel = raw.channel()
     ok = channel.queue_declare(queue, passive=True)
