@@ -24,7 +24,7 @@ from ._drain import FrameParser
 
 logger = logging.getLogger(__name__)
 
-__all__ = ('ReplyChannel', 'ChannelClosedByBroker', 'reply_channel_for', 'detach_after_fork')
+__all__ = ('ReplyChannel', 'ChannelClosedByBroker', 'reply_channel_for', 'detach_after_fork', 'wait_readable')
 
 OnReply = Callable[[Optional[str], Optional[str], Optional[str], bytes], Any]
 OnCancel = Callable[[str], Any]
@@ -150,7 +150,7 @@ class AmqpReplyChannel(ReplyChannel):
             if timeout == 0:
                 # py-amqp retries EAGAIN forever inside a started frame on a non-blocking socket:
                 # look for input first, then read with a short real timeout
-                if not self._transport._read_buffer and not _readable(self._transport.sock):
+                if not self._transport._read_buffer and not wait_readable(self._transport.sock, 0):
                     return False
                 timeout = PARTIAL_FRAME_WAIT
             return super().read(connection, timeout)
@@ -244,12 +244,20 @@ class VirtualReplyChannel(ReplyChannel):
         self.unacked = 0
 
 
-def _readable(sock: Any) -> bool:
+def wait_readable(sock: Any, timeout: float) -> bool:
+    """Whether ``sock`` has input within ``timeout`` seconds (a closed socket counts as readable).
+
+    poll() where there is one (descriptors above 1024 are common in workers); eventlet's
+    green ``select`` module has no poll(), so there it is select().
+    """
     if sock is None:
         return True  # let the read raise on the closed connection
-    poller = select.poll()
+    poll = getattr(select, 'poll', None)
+    if poll is None:
+        return bool(select.select([sock], [], [], timeout)[0])
+    poller = poll()
     poller.register(sock, select.POLLIN)
-    return bool(poller.poll(0))
+    return bool(poller.poll(timeout * 1000))
 
 
 def reply_channel_for(channel: Any, table: Any, on_cancel: OnCancel) -> ReplyChannel:

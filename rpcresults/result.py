@@ -6,8 +6,8 @@ import time
 import weakref
 from collections import deque
 from datetime import datetime
-from typing import (Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple,
-                    Union)
+from typing import (Any, AsyncIterator, Callable, Deque, Dict, Generator, Iterable, Iterator, List,
+                    Optional, Tuple, Union)
 
 from . import states
 from .app import App, app_or_default
@@ -353,6 +353,18 @@ class AsyncResult(ResultBase):
                                         callback=callback, propagate=propagate)
 
     wait = get
+
+    # -- asyncio (driven by rpcresults.aio) --------------------------------------------------
+    async def aget(self, timeout: Optional[float] = None, propagate: bool = True,
+                   follow_parents: bool = True) -> Any:
+        """``get()`` for asyncio: waits without blocking the loop; cancelling stops the wait."""
+        from . import aio
+        return await aio.wait_result(self, timeout=timeout, propagate=propagate,
+                                     follow_parents=follow_parents)
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        """``await result`` is ``await result.aget()``."""
+        return self.aget().__await__()
 
     def _maybe_reraise_parent_error(self) -> None:
         for node in reversed(list(self._parents())):
@@ -768,6 +780,16 @@ class ResultSet(ResultBase):
             return iter(())
         return self.backend.iter_native(self, timeout=timeout, interval=interval, no_ack=no_ack,
                                         on_message=on_message, on_interval=on_interval)
+
+    async def ajoin_native(self, timeout: Optional[float] = None, propagate: bool = True) -> List[Any]:
+        """``join_native()`` for asyncio: every value in member order, without blocking the loop."""
+        from . import aio
+        return await aio.join_native(self, timeout=timeout, propagate=propagate)
+
+    def aiter_native(self, timeout: Optional[float] = None) -> AsyncIterator[Tuple[str, Any]]:
+        """``iter_native()`` for asyncio: ``async for task_id, meta in ...``, each as it becomes final."""
+        from . import aio
+        return aio.iter_native(self, timeout=timeout)
 
     def then(self, callback: Callback, on_error: Optional[Callback] = None, weak: bool = False) -> 'ResultSet':
         """Call ``callback(self)`` once every member is final."""

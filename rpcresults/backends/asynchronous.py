@@ -5,9 +5,16 @@ leader) reads the socket; every reply it reads is routed by the state table to
 the waiter it belongs to, which is woken through its own event. When the leader
 is done it wakes the others so one of them takes over. Nobody holds a lock
 around a whole wait, and nobody polls.
+
+Which drainer a consumer uses depends on the environment, as in Celery: under
+gevent or eventlet monkey-patching a :class:`GreenDrainer` (one green reader,
+green events) replaces the default one. The asyncio driver (``rpcresults.aio``)
+runs its reader thread through :meth:`Drainer.serve`, taking turns with
+synchronous waiters.
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -21,10 +28,19 @@ from ..exceptions import ResultEvicted, TaskRevokedError, TimeoutError
 if TYPE_CHECKING:  # pragma: no cover
     from ..result import AsyncResult, ResultSet
 
-__all__ = ('AsyncBackendMixin', 'BaseResultConsumer', 'Drainer', 'drainers', 'register_drainer',
-           'error_meta')
+__all__ = ('AsyncBackendMixin', 'BaseResultConsumer', 'Drainer', 'GreenDrainer', 'GeventDrainer',
+           'EventletDrainer', 'drainers', 'register_drainer', 'detect_environment', 'error_meta')
 
 Meta = Dict[str, Any]
+
+logger = logging.getLogger(__name__)
+
+#: Default of ``give_up_at``: the drain's own deadline.
+_SAME: Any = object()
+
+#: How long a background reader (green drainer, asyncio driver) reads before it looks
+#: again whether anyone still waits.
+READ_SLICE = 1.0
 
 drainers: Dict[str, Type['Drainer']] = {}
 
@@ -112,6 +128,32 @@ class Drainer:
             with self._sleepers_lock:
                 self._sleepers.discard(event)
 
+    def serve(self, until: Callable[[], bool], slice_end: float, give_up_at: Optional[float],
+              event: threading.Event) -> None:
+        """One turn of a background reader (the asyncio driver's thread).
+
+        Lead a read until ``until()`` or ``slice_end`` (reconnects give up at
+        ``give_up_at``); when another thread leads, sleep on ``event`` instead: it
+        is set when that leader is done (see :meth:`add_sleeper`).
+        """
+        if self._leader.acquire(blocking=False):
+            try:
+                self.consumer.drain_events_until(until, slice_end, give_up_at=give_up_at)
+            finally:
+                self._leader.release()
+                self._wake_sleepers()
+        else:
+            event.wait(max(slice_end - time.monotonic(), 0.0))
+
+    def add_sleeper(self, event: threading.Event) -> None:
+        """Set ``event`` whenever a leader finishes (so its owner may take over reading)."""
+        with self._sleepers_lock:
+            self._sleepers.add(event)
+
+    def discard_sleeper(self, event: threading.Event) -> None:
+        with self._sleepers_lock:
+            self._sleepers.discard(event)
+
     def drain_now(self, limit: Optional[int] = None) -> Tuple[int, bool]:
         """Read what the socket already holds, without blocking, unless another thread is reading."""
         if not self._leader.acquire(blocking=False):
@@ -169,14 +211,22 @@ class BaseResultConsumer:
         fork time, and results made in the parent re-track themselves in the new one.
         """
         self.table = self.backend._new_table()
+        self.aio_hub = None  # its thread does not exist in the child
 
     # -- waiting -----------------------------------------------------------------------------
     #: The deadline of the wait being driven (reconnects give up by then).
     deadline: Optional[float] = None
+    #: The asyncio driver of this consumer (``rpcresults.aio``), made on the first await.
+    aio_hub: Any = None
 
-    def drain_events_until(self, until: Callable[[], bool], deadline: Optional[float]) -> None:
-        """Dispatch replies until ``until()`` holds or ``deadline`` passes (at least one pass)."""
-        self.deadline = deadline
+    def drain_events_until(self, until: Callable[[], bool], deadline: Optional[float],
+                           give_up_at: Any = _SAME) -> None:
+        """Dispatch replies until ``until()`` holds or ``deadline`` passes (at least one pass).
+
+        Reconnects give up at ``give_up_at`` (default: ``deadline``): a background
+        reader reads in short slices on behalf of waits that may have no deadline.
+        """
+        self.deadline = deadline if give_up_at is _SAME else give_up_at
         try:
             self._drain_until(until, deadline)
         finally:
@@ -213,6 +263,31 @@ class BaseResultConsumer:
         the rest are tracked, watched, and unwatched when the session ends (done,
         timeout, error or abandoned).
         """
+        initial, waiting = self.prepare_wait(by_id)
+        if initial:
+            yield initial
+        if not waiting:
+            return
+        self.start()
+        table = self.table
+        waiter = Waiter(on_message)
+        table.watch(waiter, waiting)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while True:
+                if waiter.bucket:
+                    yield waiter.bucket
+                if waiter.error is not None:
+                    raise waiter.error
+                if waiter.done and not waiter.bucket:
+                    return
+                if not self.drainer.wait(waiter, deadline, on_interval):
+                    raise TimeoutError('The operation timed out.')
+        finally:
+            table.unwatch(waiter, waiting)
+
+    def prepare_wait(self, by_id: Dict[str, List['AsyncResult']]) -> Tuple[Any, List[str]]:
+        """``(deque of (id, meta) already final, ids still to wait for)``; tracks the latter."""
         table = self.table
         initial: Any = deque()
         waiting: List[str] = []
@@ -230,26 +305,7 @@ class BaseResultConsumer:
             table.track_many(to_track)
             for _, result in to_track:
                 result._tracked_by = table
-        if initial:
-            yield initial
-        if not waiting:
-            return
-        self.start()
-        waiter = Waiter(on_message)
-        table.watch(waiter, waiting)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        try:
-            while True:
-                if waiter.bucket:
-                    yield waiter.bucket
-                if waiter.error is not None:
-                    raise waiter.error
-                if waiter.done and not waiter.bucket:
-                    return
-                if not self.drainer.wait(waiter, deadline, on_interval):
-                    raise TimeoutError('The operation timed out.')
-        finally:
-            table.unwatch(waiter, waiting)
+        return initial, waiting
 
     def _settle(self, by_id: Dict[str, List['AsyncResult']], task_id: str, meta: Any) -> Meta:
         """Make ``meta`` (or an error) the final state of every result for ``task_id``."""
@@ -403,3 +459,154 @@ class AsyncBackendMixin:
         consumer.table.watch(waiter, [result.id])
         if waiter.bucket:
             on_news()
+
+
+class GreenDrainer(Drainer):
+    """Drives a consumer for green threads (gevent, eventlet): one reader, everyone else sleeps.
+
+    While anybody waits, one green thread of our own reads the socket in slices of
+    :data:`READ_SLICE`; each reply wakes exactly its waiters through their green
+    events. Waiters never read, so one killed or timed-out green thread never
+    leaves the reading half done; the reader ends when nobody waits. An error the
+    reader cannot recover from (a reconnect that gave up) goes to every waiter.
+    """
+
+    def __init__(self, consumer: 'BaseResultConsumer') -> None:
+        super().__init__(consumer)
+        self._waits: Dict[Waiter, Optional[float]] = {}  # waiter -> its deadline
+        self._reader: Any = None
+        self.readers_started = 0
+
+    # -- the green library (subclasses) ------------------------------------------------------
+    def spawn(self, fn: Callable[[], Any]) -> Any:
+        raise NotImplementedError
+
+    def sleep(self, seconds: float) -> None:
+        raise NotImplementedError
+
+    def new_event(self) -> Any:
+        """A resettable green event: ``set()``, ``clear()``, ``wait(timeout)``."""
+        raise NotImplementedError
+
+    # -- waiting -----------------------------------------------------------------------------
+    def wait(self, waiter: Waiter, deadline: Optional[float],
+             on_interval: Optional[Callable[[], Any]] = None) -> bool:
+        has_news = lambda: bool(waiter.bucket) or waiter.error is not None or waiter.done  # noqa: E731
+        if has_news():
+            return True
+        if deadline is not None and time.monotonic() >= deadline:
+            self.drain_now()  # a zero timeout looks once at what already arrived
+            return has_news()
+        event = self.new_event()
+        waiter.wake = event.set
+        self._waits[waiter] = deadline
+        self._ensure_reader()
+        try:
+            while True:
+                event.clear()
+                if has_news():
+                    return True
+                if deadline is None:
+                    event.wait(None)
+                else:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return False
+                    event.wait(remaining)
+                if on_interval is not None:
+                    on_interval()
+        finally:
+            waiter.wake = None
+            self._waits.pop(waiter, None)
+
+    @property
+    def waiting(self) -> int:
+        """How many green threads wait through this drainer now."""
+        return len(self._waits)
+
+    def _ensure_reader(self) -> None:
+        if self._reader is None:
+            self.readers_started += 1
+            self._reader = self.spawn(self._read)
+
+    def _all_have_news(self) -> bool:
+        return all(w.bucket or w.error is not None or w.done for w in list(self._waits))
+
+    def _give_up_at(self) -> Optional[float]:
+        deadlines = list(self._waits.values())
+        if not deadlines or any(d is None for d in deadlines):
+            return None
+        return max(deadlines)  # type: ignore[type-var]
+
+    def _read(self) -> None:
+        try:
+            while self._waits:
+                if self._all_have_news() or not self._leader.acquire(blocking=False):
+                    self.sleep(0.001)  # let the woken ones run (or drain_now finish)
+                    continue
+                try:
+                    self.consumer.drain_events_until(self._all_have_news, time.monotonic() + READ_SLICE,
+                                                     give_up_at=self._give_up_at())
+                except Exception as exc:  # the waiters' error, as it would be a sync get()'s
+                    logger.warning('green reader for %r failed: %r', self.consumer, exc)
+                    for waiter in list(self._waits):
+                        waiter.fail(exc)
+                finally:
+                    self._leader.release()
+                    self._wake_sleepers()  # a background reader (asyncio driver) may take over
+        finally:
+            self._reader = None
+
+
+@register_drainer('gevent')
+class GeventDrainer(GreenDrainer):
+    """:class:`GreenDrainer` on gevent greenlets and ``gevent.event.Event``."""
+
+    def spawn(self, fn: Callable[[], Any]) -> Any:
+        import gevent
+        return gevent.spawn(fn)
+
+    def sleep(self, seconds: float) -> None:
+        import gevent
+        gevent.sleep(seconds)
+
+    def new_event(self) -> Any:
+        from gevent.event import Event
+        return Event()
+
+
+class _EventletEvent:
+    """A resettable event over eventlet's one-shot ``Event``."""
+
+    __slots__ = ('_event',)
+
+    def __init__(self) -> None:
+        from eventlet.event import Event
+        self._event = Event()
+
+    def set(self) -> None:
+        if not self._event.ready():
+            self._event.send(True)
+
+    def clear(self) -> None:
+        if self._event.ready():
+            self._event.reset()
+
+    def wait(self, timeout: Optional[float]) -> bool:
+        return bool(self._event.wait(timeout))
+
+
+@register_drainer('eventlet')
+class EventletDrainer(GreenDrainer):
+    """:class:`GreenDrainer` on eventlet green threads."""
+
+    def spawn(self, fn: Callable[[], Any]) -> Any:
+        import eventlet
+        return eventlet.spawn(fn)
+
+    def sleep(self, seconds: float) -> None:
+        import eventlet
+        eventlet.sleep(seconds)
+
+    def new_event(self) -> Any:
+        return _EventletEvent()

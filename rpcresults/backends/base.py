@@ -198,6 +198,7 @@ class Backend:
         return meta
 
     def decode_result(self, payload: Any) -> Meta:
+        """A stored payload as a meta with its exception rebuilt (how key-value reads load results)."""
         return self.meta_from_decoded(self.decode(payload))
 
     # -- worker side -------------------------------------------------------------------------
@@ -293,6 +294,7 @@ class Backend:
 
     # -- client side -------------------------------------------------------------------------
     def is_cached(self, task_id: str) -> bool:
+        """Whether ``task_id``'s final meta is in this client's cache (reads then skip the store)."""
         return task_id in self._cache
 
     def get_task_meta(self, task_id: str, cache: bool = True) -> Meta:
@@ -317,17 +319,21 @@ class Backend:
         return meta
 
     def get_state(self, task_id: str) -> str:
+        """The state name of ``task_id`` (``PENDING`` when unknown); ``get_status`` is the same method."""
         return self.get_task_meta(task_id)['status']
 
     get_status = get_state
 
     def get_result(self, task_id: str) -> Any:
+        """The ``result`` field of ``task_id``'s meta: the return value, or the failure's exception."""
         return self.get_task_meta(task_id).get('result')
 
     def get_traceback(self, task_id: str) -> Optional[str]:
+        """The traceback text stored with ``task_id``'s failure (``None`` when there is none)."""
         return self.get_task_meta(task_id).get('traceback')
 
     def get_children(self, task_id: str) -> Optional[List[Any]]:
+        """The ``children`` field of ``task_id``'s meta, as result tuples (``None`` when it has none)."""
         try:
             return self.get_task_meta(task_id).get('children')
         except KeyError:
@@ -386,6 +392,7 @@ class Backend:
         return meta.get('result') if meta else None
 
     def get_group_meta(self, group_id: str, cache: bool = True) -> Optional[Meta]:
+        """The saved meta of ``group_id`` (``{"result": GroupResult}``; ``None`` when absent)."""
         if cache:
             cached = self._cache.get(group_id)
             if cached is not None:
@@ -396,6 +403,7 @@ class Backend:
         return meta
 
     def delete_group(self, group_id: str) -> None:
+        """Remove the group stored under ``group_id`` from the store and from this client's cache."""
         self._cache.pop(group_id, None)
         self._delete_group(group_id)
 
@@ -532,18 +540,23 @@ class KeyValueStoreBackend(BaseBackend):
 
     # -- the store ---------------------------------------------------------------------------
     def get(self, key: str) -> Any:
+        """The value stored at ``key`` (``None`` when missing); the store subclass implements it."""
         raise NotImplementedError('must implement get()')
 
     def mget(self, keys: Sequence[str]) -> List[Any]:
+        """The values at ``keys``, in order (``None`` where missing): one round trip when polling many ids."""
         raise NotImplementedError('must implement mget()')
 
     def set(self, key: str, value: Any) -> None:
+        """Store ``value`` at ``key``, expiring after ``self.expires`` seconds when the store can."""
         raise NotImplementedError('must implement set()')
 
     def delete(self, key: str) -> None:
+        """Remove ``key`` (a missing key is no error); the store subclass implements it."""
         raise NotImplementedError('must implement delete()')
 
     def incr(self, key: str) -> int:
+        """Add one to the integer at ``key`` and return it (only stores with ``implements_incr``)."""
         raise NotImplementedError('does not implement incr()')
 
     def expire(self, key: str, value: float) -> None:
@@ -551,12 +564,15 @@ class KeyValueStoreBackend(BaseBackend):
 
     # -- keys --------------------------------------------------------------------------------
     def get_key_for_task(self, task_id: str, key: str = '') -> str:
+        """Celery's key for ``task_id``'s meta (``celery-task-meta-<id>``, global prefix first) + ``key``."""
         return f'{self.task_keyprefix}{task_id}{key}'
 
     def get_key_for_group(self, group_id: str, key: str = '') -> str:
+        """Celery's key for a saved group (``celery-taskset-meta-<id>``, global prefix first) + ``key``."""
         return f'{self.group_keyprefix}{group_id}{key}'
 
     def get_key_for_chord(self, group_id: str, key: str = '') -> str:
+        """Celery's key for a chord's counter (``chord-unlock-<id>``, global prefix first) + ``key``."""
         return f'{self.chord_keyprefix}{group_id}{key}'
 
     def _strip_prefix(self, key: Any) -> str:
@@ -641,6 +657,7 @@ class DisabledBackend(BaseBackend):
         raise NotImplementedError(E_NO_BACKEND)
 
     def _is_disabled(self, *args: Any, **kwargs: Any) -> Any:
+        """Refuse with ``NotImplementedError(E_NO_BACKEND)``: without a backend nothing is kept or read."""
         raise NotImplementedError(E_NO_BACKEND)
 
     get_task_meta = get_state = get_status = get_result = get_traceback = _is_disabled  # type: ignore

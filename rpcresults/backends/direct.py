@@ -114,6 +114,7 @@ class DirectResultConsumer(ResultConsumer):
             super().stop()
 
     def stats(self) -> Dict[str, int]:
+        """``ResultConsumer.stats`` with ``acked`` always 0: direct reply-to consumes with ``no_ack``."""
         counters = super().stats()
         counters['acked'] = 0
         return counters

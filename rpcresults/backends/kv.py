@@ -133,11 +133,13 @@ class MemoryBackend(KeyValueStoreBackend):
 
     # -- the store ---------------------------------------------------------------------------
     def get(self, key: str) -> Optional[bytes]:
+        """The bytes stored at ``key``; ``None`` when missing or expired (an expired entry is dropped)."""
         with _memory_lock:
             entry = self._live(_as_key(key), time.monotonic())
             return None if entry is None else entry[0]
 
     def mget(self, keys: Sequence[str]) -> List[Optional[bytes]]:
+        """The bytes at each of ``keys`` in order, ``None`` where missing or expired, read under one lock."""
         now = time.monotonic()
         with _memory_lock:
             entries = [self._live(_as_key(key), now) for key in keys]
@@ -153,6 +155,7 @@ class MemoryBackend(KeyValueStoreBackend):
             self._wrote(now)
 
     def delete(self, key: str) -> None:
+        """Remove ``key`` from this URL's store (a missing key is no error)."""
         with _memory_lock:
             self._data.pop(_as_key(key), None)
 
@@ -288,9 +291,11 @@ class RedisBackend(KeyValueStoreBackend):
 
     # -- the store ---------------------------------------------------------------------------
     def get(self, key: str) -> Optional[bytes]:
+        """GET ``key``: the stored bytes, ``None`` when missing or expired."""
         return self.client.get(key)
 
     def mget(self, keys: Sequence[str]) -> List[Optional[bytes]]:
+        """One MGET for all ``keys``: their bytes in order, ``None`` where missing (none sent if empty)."""
         if not keys:
             return []
         return self.client.mget(list(keys))
@@ -313,9 +318,11 @@ class RedisBackend(KeyValueStoreBackend):
             pipe.execute()
 
     def delete(self, key: str) -> None:
+        """DEL ``key`` (a missing key is no error)."""
         self.client.delete(key)
 
     def incr(self, key: str) -> int:
+        """INCR ``key`` and return the new value (a missing key counts as 0; Redis keeps the key's TTL)."""
         return int(self.client.incr(key))
 
     def expire(self, key: str, value: float) -> None:

@@ -10,7 +10,6 @@ pending. Worker side, :class:`RPCBackend` publishes each state to the request's
 from __future__ import annotations
 
 import logging
-import select
 import socket
 import threading
 import time
@@ -23,7 +22,7 @@ from amqp.exceptions import MessageNacked
 from kombu.common import maybe_declare
 
 from .. import _fork, serialization
-from .._consume import ReplyChannel, detach_after_fork, reply_channel_for
+from .._consume import ReplyChannel, detach_after_fork, reply_channel_for, wait_readable
 from .._drain import FrameError, StateTable
 from ..exceptions import BacklogLimitExceeded, ReplyQueueLost, ResultNotDelivered
 from . import base
@@ -259,6 +258,7 @@ class ResultConsumer(BaseResultConsumer):
             self._recover(exc)
 
     def stats(self) -> Dict[str, int]:
+        """Counters: ``reconnects``, ``queues_lost`` and ``acked`` (replies acked on the current channel)."""
         replies = self._replies
         return {'reconnects': self.reconnects, 'queues_lost': self.queues_lost,
                 'acked': replies.acked if replies is not None else 0}
@@ -418,10 +418,8 @@ class RPCBackend(base.Backend, AsyncBackendMixin):
             return self.returned
         connection = self._producer_connection
         wait = timeout
-        poller = select.poll()  # not select(): descriptors above 1024 are common in workers
-        poller.register(sock, select.POLLIN)
         try:
-            while poller.poll(wait * 1000):
+            while wait_readable(sock, wait):
                 raw.drain_events(timeout=0.5)
                 wait = 0
         except (socket.timeout, OSError, *connection.connection_errors, *connection.channel_errors):
@@ -481,9 +479,11 @@ class RPCBackend(base.Backend, AsyncBackendMixin):
         raise NotImplementedError(E_NO_GROUPS.format(op='restore'))
 
     def delete_group(self, group_id: str) -> None:
+        """Not supported: rpc:// stores no groups, so this raises ``NotImplementedError``."""
         raise NotImplementedError(E_NO_GROUPS.format(op='delete'))
 
     def get_group_meta(self, group_id: str, cache: bool = True) -> Any:
+        """Not supported: rpc:// stores no groups, so this raises ``NotImplementedError``."""
         raise NotImplementedError(E_NO_GROUPS.format(op='look up'))
 
     def ensure_chords_allowed(self) -> None:

@@ -102,6 +102,7 @@ class RPCBackend(celery_rpc.RPCBackend):
         return result
 
     def add_pending_results(self, results: Iterable[Any], weak: bool = False) -> List[Any]:
+        """Track every result in ``results``; returns them as a list, as Celery's method does."""
         return [self.add_pending_result(result, weak=weak) for result in results]
 
     def remove_pending_result(self, result: Any) -> Any:
@@ -148,6 +149,7 @@ class RPCBackend(celery_rpc.RPCBackend):
     poll = get_task_meta
 
     def forget(self, task_id: str) -> None:
+        """What ``AsyncResult.forget`` calls: drop the cached meta and any reply held for ``task_id``."""
         self._cache.pop(task_id, None)
         self.result_consumer.table.forget(task_id)
 

@@ -266,8 +266,8 @@ def test_fork_gives_every_backend_a_fresh_oid_and_parent_results_work(own_queues
 
 # -- 5. no registered drainer for the environment: the default one -----------------------------------
 def test_unregistered_environment_falls_back_to_default_drainer(own_queues, app, worker, monkeypatch):
-    monkeypatch.setattr(asynchronous, 'detect_environment', lambda: 'gevent')
-    assert 'gevent' not in asynchronous.drainers
+    monkeypatch.setattr(asynchronous, 'detect_environment', lambda: 'unregistered-green')
+    assert 'unregistered-green' not in asynchronous.drainers
     backend = app.create_backend()  # KeyError 'gevent' before the fix
     own_queues.add(backend.oid)
     try:

@@ -1,0 +1,123 @@
+"""Run in a subprocess by tests/integration/test_green_drainers.py: monkey-patch with gevent or
+eventlet, wait on results from many green threads on the real broker, print a JSON report.
+
+    python -m tests.green.green_waiters gevent|eventlet BROKER_URL [N]
+"""
+from __future__ import annotations
+
+import sys
+
+LIBRARY = sys.argv[1]
+if LIBRARY == 'gevent':
+    from gevent import monkey
+    monkey.patch_all()
+elif LIBRARY == 'eventlet':
+    import eventlet
+    eventlet.monkey_patch()
+else:
+    raise SystemExit(f'unknown green library {LIBRARY!r}')
+
+import json  # noqa: E402
+import time  # noqa: E402
+import uuid  # noqa: E402
+from typing import Any, Callable, Dict, List  # noqa: E402
+
+from rpcresults import App, AsyncResult, _drain  # noqa: E402
+from rpcresults.backends.asynchronous import detect_environment  # noqa: E402
+from rpcresults.exceptions import TimeoutError  # noqa: E402
+
+if LIBRARY == 'gevent':
+    import gevent
+
+    def spawn(fn: Callable[[], Any]) -> Any:
+        return gevent.spawn(fn)
+
+    def join_all(threads: List[Any], timeout: float) -> bool:
+        done = gevent.joinall(threads, timeout=timeout)
+        return len(done) == len(threads)
+
+    sleep = gevent.sleep
+else:
+    def spawn(fn: Callable[[], Any]) -> Any:
+        return eventlet.spawn(fn)
+
+    def join_all(threads: List[Any], timeout: float) -> bool:
+        with eventlet.Timeout(timeout, False):
+            for thread in threads:
+                thread.wait()
+            return True
+        return False
+
+    sleep = eventlet.sleep
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= deadline:
+            return False
+        sleep(0.005)
+    return True
+
+
+def main() -> Dict[str, Any]:
+    broker_url = sys.argv[2]
+    count = int(sys.argv[3]) if len(sys.argv) > 3 else 50
+    app = App(broker_url, result_reply_queue_expires=60)
+    client = app.backend
+    worker = app.create_backend()
+    consumer = client.result_consumer
+    drainer = consumer.drainer
+    report: Dict[str, Any] = {'library': LIBRARY, 'environment': detect_environment(),
+                              'drainer': type(drainer).__name__, 'table': type(consumer.table).__module__,
+                              'using_extension': _drain.USING_EXTENSION}
+    consumer.start()
+    ids = [str(uuid.uuid4()) for _ in range(count)]
+    got: Dict[str, Any] = {}
+    errors: List[str] = []
+
+    def waiter(task_id: str) -> None:
+        try:
+            got[task_id] = AsyncResult(task_id, backend=client, app=app).get(timeout=30)
+        except Exception as exc:  # reported
+            errors.append(repr(exc))
+
+    ticks = [0]
+    ticking = [True]
+
+    def ticker() -> None:
+        while ticking[0]:
+            ticks[0] += 1
+            sleep(0.001)
+
+    ticker_thread = spawn(ticker)
+    threads = [spawn(lambda tid=tid: waiter(tid)) for tid in ids]
+    report['all_waiting'] = wait_for(lambda: getattr(drainer, 'waiting', 0) == count, 30)
+    # the green threads block only themselves: the ticker keeps running while they wait
+    ticks_before = ticks[0]
+    report['ticked_while_waiting'] = wait_for(lambda: ticks[0] >= ticks_before + 50, 30)
+    for index, task_id in reversed(list(enumerate(ids))):
+        worker.mark_as_done(task_id, {'index': index}, request={'reply_to': client.oid, 'correlation_id': task_id})
+    report['joined'] = join_all(threads, 60)
+    report['values_ok'] = [got.get(tid) for tid in ids] == [{'index': i} for i in range(count)]
+    report['errors'] = errors
+    report['received'] = len(got)
+
+    # a timeout raises and leaves nothing behind; the reader ends when nobody waits
+    try:
+        AsyncResult(str(uuid.uuid4()), backend=client, app=app).get(timeout=0.2)
+        report['timeout'] = 'no error'
+    except TimeoutError as exc:
+        report['timeout'] = type(exc).__name__
+    report['waiting_after'] = getattr(drainer, 'waiting', None)
+    report['reader_ended'] = wait_for(lambda: getattr(drainer, '_reader', None) is None, 10)
+    report['readers_started'] = getattr(drainer, 'readers_started', None)
+    ticking[0] = False
+    join_all([ticker_thread], 5)
+    worker.close()
+    app.close()
+    return report
+
+
+if __name__ == '__main__':
+    print('REPORT ' + json.dumps(main()), flush=True)

@@ -1,0 +1,379 @@
+"""asyncio on the real broker (SPEC §1 "asyncio"): ``await result``, ``aget``, ``ajoin_native``,
+``aiter_native``, EagerResult awaits.
+
+Results are published by a worker backend (another connection), usually from a thread
+while the loop awaits. Every coroutine runs under ``asyncio.run(..., debug=True)``
+(a callback from the wrong thread raises there) inside ``asyncio.wait_for`` so nothing
+can hang; "the loop is not blocked" is shown by counting, never by timing: the result
+is only published once a concurrent task has ticked enough times.
+
+Run on both state-table twins by CI's two passes (``rpcresults._drain`` picks the twin).
+"""
+from __future__ import annotations
+
+import asyncio
+import builtins
+import gc
+import threading
+import weakref
+from typing import Any, Awaitable, Callable, Iterator, List, Tuple
+from urllib.parse import urlsplit
+
+import pytest
+
+from rpcresults import App, ResultSet, states
+from rpcresults.aio import hub_for
+from rpcresults.exceptions import TimeoutError
+from rpcresults.result import EagerResult
+
+from ..conftest import make_app, new_id, request_for
+from ..proxy import TcpProxy
+from ..helpers import Call, bound, wait_until
+
+BOUND = 60.0  # bound on any one test coroutine
+
+
+@pytest.fixture(autouse=True)
+def reply_queue(request: pytest.FixtureRequest) -> None:
+    """Declare the client's reply queue first, as sending a task would (a reply needs a queue)."""
+    if 'client' in request.fixturenames:
+        request.getfixturevalue('client').result_consumer.start()
+
+
+def run(coro: Awaitable[Any], bound_s: float = BOUND) -> Any:
+    """Run ``coro`` on a fresh loop in debug mode, bounded."""
+    return asyncio.run(asyncio.wait_for(coro, bound_s), debug=True)
+
+
+async def until(predicate: Callable[[], Any], what: str, timeout: float = 15.0) -> None:
+    """Yield to the loop until ``predicate()`` holds; fail after ``timeout`` (loop time)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() >= deadline:
+            raise AssertionError(f'gave up waiting for {what}')
+        await asyncio.sleep(0.005)
+
+
+def publish(worker: Any, client: Any, pairs: Any) -> None:
+    for task_id, value in pairs:
+        worker.mark_as_done(task_id, value, request=request_for(client, task_id))
+
+
+def publish_soon(worker: Any, client: Any, pairs: Any) -> 'asyncio.Future[None]':
+    """Publish from a thread of the loop's executor (the loop keeps running)."""
+    pairs = list(pairs)
+    return asyncio.get_running_loop().run_in_executor(None, publish, worker, client, pairs)
+
+
+def assert_released(client: Any, refs: List['weakref.ref[Any]']) -> None:
+    """No await is left on the hub, the table holds none of its waiters, and the reader thread ends."""
+    hub = hub_for(client.result_consumer)
+    assert hub.pending == 0
+    assert hub.waiters() == []
+    gc.collect()
+    assert refs and all(ref() is None for ref in refs), 'a waiter is still referenced (by the table?)'
+    wait_until(lambda: hub.thread is None, 10, 'the asyncio reader thread to end')
+
+
+async def watched_waiters(client: Any, count: int) -> List['weakref.ref[Any]']:
+    """Weak references to the table waiters of ``count`` awaits in progress (once they are)."""
+    hub = hub_for(client.result_consumer)
+    await until(lambda: hub.pending >= count, f'{count} await(s) to be watched')
+    return [weakref.ref(waiter) for waiter in hub.waiters()]
+
+
+class Ticker:
+    """A concurrent task that counts its turns and fires ``action`` on turn ``at``."""
+
+    def __init__(self, at: int, action: Callable[[], Any]) -> None:
+        self.at = at
+        self.action = action
+        self.ticks = 0
+        self.running = True
+
+    async def run(self) -> None:
+        while self.running:
+            self.ticks += 1
+            if self.ticks == self.at:
+                self.action()
+            await asyncio.sleep(0)
+
+
+# -- single results -------------------------------------------------------------------------------
+def test_await_and_aget_deliver_results_published_while_the_loop_keeps_running(client, worker):
+    ids = [new_id() for _ in range(3)]
+    early = new_id()
+    publish(worker, client, [(early, 'was-early')])  # arrives before anyone awaits it
+
+    async def main() -> Tuple[Any, ...]:
+        first = bound(client, ids[0])
+        # the result is published only once the ticker ran 200 turns: a blocked loop never gets there
+        ticker = Ticker(200, lambda: publish_soon(worker, client, [(ids[0], {'n': 0})]))
+        ticking = asyncio.ensure_future(ticker.run())
+        value = await first
+        ticker.running = False
+        await ticking
+        second = await bound(client, ids[1]).aget(timeout=30)  # published after this starts waiting
+        third = await bound(client, early).aget(timeout=30)
+        return value, ticker.ticks, second, third
+
+    async def with_later_publish() -> Tuple[Any, ...]:
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.05, publish_soon, worker, client, [(ids[1], 'second')])
+        return await main()
+
+    value, ticks, second, third = run(with_later_publish())
+    assert value == {'n': 0}
+    assert ticks >= 200
+    assert second == 'second'
+    assert third == 'was-early'
+
+
+def test_failures_propagate_and_propagate_false_returns_the_exception(client, worker):
+    failed, ok = new_id(), new_id()
+
+    async def main() -> Tuple[Any, ...]:
+        await publish_soon(worker, client, [])
+        await asyncio.get_running_loop().run_in_executor(
+            None, lambda: worker.mark_as_failure(failed, ValueError('boom'), request=request_for(client, failed)))
+        with pytest.raises(ValueError, match='boom'):
+            await bound(client, failed)
+        returned = await bound(client, failed).aget(timeout=10, propagate=False)
+        await publish_soon(worker, client, [(ok, 1)])
+        with pytest.raises(ValueError, match='boom'):
+            await ResultSet([bound(client, ok), bound(client, failed)]).ajoin_native(timeout=10)
+        values = await ResultSet([bound(client, ok), bound(client, failed)]).ajoin_native(
+            timeout=10, propagate=False)
+        return returned, values
+
+    returned, values = run(main())
+    assert isinstance(returned, ValueError) and str(returned) == 'boom'
+    assert values[0] == 1 and isinstance(values[1], ValueError)
+
+
+def test_eager_result_is_awaitable():
+    async def main() -> Tuple[Any, ...]:
+        good = await EagerResult('e1', 7, states.SUCCESS)
+        got = await EagerResult('e2', 8, states.SUCCESS).aget(timeout=0)
+        with pytest.raises(KeyError):
+            await EagerResult('e3', KeyError('k'), states.FAILURE)
+        return good, got
+
+    assert run(main()) == (7, 8)
+
+
+# -- result sets ----------------------------------------------------------------------------------
+def test_ajoin_native_2000_in_member_order_while_the_loop_ticks(app, client, worker):
+    count = 2_000
+    ids = [new_id() for _ in range(count)]
+    members = [bound(client, task_id) for task_id in ids] + [bound(client, ids[0])]  # a duplicate id
+    received_before = client.stats()['received']
+
+    async def main() -> Tuple[List[Any], int]:
+        # published in reverse order, from a thread, once the ticker ran: values must come back in member order
+        ticker = Ticker(100, lambda: publish_soon(worker, client, [(t, {'i': i}) for i, t in reversed(
+            list(enumerate(ids)))]))
+        ticking = asyncio.ensure_future(ticker.run())
+        values = await ResultSet(members, app=app).ajoin_native(timeout=BOUND - 10)
+        ticker.running = False
+        await ticking
+        return values, ticker.ticks
+
+    values, ticks = run(main())
+    assert values == [{'i': i} for i in range(count)] + [{'i': 0}]
+    assert ticks >= 100
+    assert client.stats()['received'] - received_before == count
+
+
+def test_aiter_native_yields_each_result_as_it_becomes_ready(app, client, worker):
+    ids = [new_id() for _ in range(20)]
+    done_before = new_id()
+    publish(worker, client, [(done_before, 'before')])
+
+    async def main() -> List[Tuple[str, Any]]:
+        # lock step: result k+1 is published only after result k came out of the iterator,
+        # so an iterator that waited for all of them would time out
+        members = ResultSet([bound(client, done_before)] + [bound(client, task_id) for task_id in ids], app=app)
+        got = []
+        publish_soon(worker, client, [(ids[0], 0)])
+        async for task_id, meta in members.aiter_native(timeout=30):
+            got.append((task_id, meta['status'], meta['result']))
+            if task_id in ids and len(got) <= len(ids):
+                index = ids.index(task_id)
+                if index + 1 < len(ids):
+                    publish_soon(worker, client, [(ids[index + 1], index + 1)])
+        return got
+
+    got = run(main())
+    assert [task_id for task_id, _, _ in got] == [done_before] + ids
+    assert all(status == states.SUCCESS for _, status, _ in got)
+    assert [value for _, _, value in got] == ['before'] + list(range(20))
+
+
+# -- timeouts and cancellation --------------------------------------------------------------------
+def kinds(error: BaseException) -> Tuple[type, bool, bool]:
+    return type(error), isinstance(error, builtins.TimeoutError), isinstance(error, asyncio.TimeoutError)
+
+
+def test_timeout_raises_both_timeout_types_and_removes_the_waiter(app, client, worker):
+    missing, present = new_id(), new_id()
+    publish(worker, client, [(present, 'here')])
+
+    async def main() -> Tuple[Any, ...]:
+        refs: List[weakref.ref] = []
+        result = bound(client, missing)
+        task = asyncio.ensure_future(result.aget(timeout=0.3))
+        refs += await watched_waiters(client, 1)
+        try:
+            await task
+        except BaseException as exc:  # checked below (the types only: a traceback holds the frames)
+            error_one = kinds(exc)
+        task = asyncio.ensure_future(
+            ResultSet([bound(client, present), bound(client, missing)], app=app).ajoin_native(timeout=0.3))
+        refs += await watched_waiters(client, 1)
+        try:
+            await task
+        except BaseException as exc:
+            error_join = kinds(exc)
+        return refs, error_one, error_join
+
+    refs, error_one, error_join = run(main())
+    assert error_one == error_join == (TimeoutError, True, True)
+    assert_released(client, refs)
+    # the id is still tracked: a reply that comes now is kept for the next await
+    publish(worker, client, [(missing, 'late')])
+    assert run(bound(client, missing).aget(timeout=30)) == 'late'
+
+
+def test_cancelling_an_await_removes_its_waiter(app, client, worker):
+    ids = [new_id() for _ in range(5)]
+
+    async def main() -> List[weakref.ref]:
+        single = asyncio.ensure_future(bound(client, ids[0]).aget())
+        join = asyncio.ensure_future(ResultSet([bound(client, t) for t in ids[1:3]], app=app).ajoin_native())
+        refs = await watched_waiters(client, 2)
+        single.cancel()
+        join.cancel()
+        for task in (single, join):
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        # leaving an aiter_native early unwatches too
+        iterator = ResultSet([bound(client, t) for t in ids[3:]], app=app).aiter_native(timeout=30)
+        publish_soon(worker, client, [(ids[3], 'first')])
+        async for task_id, meta in iterator:
+            assert (task_id, meta['result']) == (ids[3], 'first')
+            refs += [weakref.ref(w) for w in hub_for(client.result_consumer).waiters()]
+            break
+        del iterator
+        return refs
+
+    refs = run(main())
+    assert len(refs) == 3
+    assert_released(client, refs)
+    publish(worker, client, [(ids[0], 'after-cancel')])
+    assert run(bound(client, ids[0]).aget(timeout=30)) == 'after-cancel'
+
+
+# -- many waiters ---------------------------------------------------------------------------------
+def test_concurrent_awaits_and_sync_waiters_on_the_same_ids(app, client, worker):
+    shared, other, only_sync = new_id(), new_id(), new_id()
+    same_object = bound(client, shared)
+    sync_calls = [Call(lambda tid=tid: bound(client, tid).get(timeout=40), name=f'sync-{n}')
+                  for n, tid in enumerate([shared, shared, only_sync])]
+    for call in sync_calls:
+        call.start()
+
+    async def main() -> Tuple[Any, ...]:
+        awaits = ([asyncio.ensure_future(same_object.aget(timeout=40)) for _ in range(4)]
+                  + [asyncio.ensure_future(bound(client, shared).aget(timeout=40)) for _ in range(4)])
+        other_task = asyncio.ensure_future(bound(client, other).aget(timeout=40))
+        await watched_waiters(client, 9)
+        await publish_soon(worker, client, [(shared, 'shared'), (only_sync, 'sync')])
+        values = await asyncio.gather(*awaits)
+        await asyncio.sleep(0.05)
+        other_still_waiting = not other_task.done()  # a reply for another id did not resolve it
+        await publish_soon(worker, client, [(other, 'other')])
+        return values, other_still_waiting, await other_task
+
+    values, other_still_waiting, other_value = run(main())
+    assert values == ['shared'] * 8
+    assert other_still_waiting
+    assert other_value == 'other'
+    assert [call.result(timeout=40) for call in sync_calls] == ['shared', 'shared', 'sync']
+
+
+def test_loops_in_several_threads_each_resolve_on_their_own(app, client, worker):
+    shared = new_id()
+    per_thread = {n: [new_id() for _ in range(50)] for n in range(3)}
+    started = threading.Barrier(4, timeout=30)
+
+    def in_thread(n: int) -> Tuple[Any, ...]:
+        # tracked before anything is published: a reply for an id that nobody holds a tracked
+        # result for any more (another thread's, already collected) is not kept
+        members = ResultSet([bound(client, t) for t in per_thread[n]], app=app)
+        mine = client.add_pending_result(bound(client, shared))
+
+        async def main() -> Tuple[Any, ...]:
+            loop = asyncio.get_running_loop()
+            started.wait()
+            values = await members.ajoin_native(timeout=40)
+            value = await mine.aget(timeout=40)
+            return values, value, asyncio.get_running_loop() is loop
+        return run(main())
+
+    calls = [Call(lambda n=n: in_thread(n), name=f'loop-{n}') for n in per_thread]
+    for call in calls:
+        call.start()
+    started.wait()
+    publish(worker, client, [(t, [n, i]) for n, ids in per_thread.items() for i, t in enumerate(ids)])
+    publish(worker, client, [(shared, 'shared')])
+    for n, call in enumerate(calls):
+        values, value, same_loop = call.result(timeout=BOUND)
+        assert values == [[n, i] for i in range(50)]
+        assert value == 'shared'
+        assert same_loop
+
+
+# -- faults ---------------------------------------------------------------------------------------
+@pytest.fixture
+def proxied_client(broker_url: str) -> Iterator[Tuple[Any, TcpProxy]]:
+    """A client backend whose broker connection goes through a TcpProxy of this test's own."""
+    parts = urlsplit(broker_url)
+    with TcpProxy(parts.hostname or 'localhost', parts.port or 5672) as proxy:
+        application: App = make_app(proxy.url_for(broker_url), broker_heartbeat=0)
+        try:
+            application.backend.result_consumer.start()
+            yield application.backend, proxy
+        finally:
+            application.close()
+
+
+def test_connection_cut_during_an_await_still_delivers(proxied_client, worker):
+    client, proxy = proxied_client
+    ids = [new_id() for _ in range(300)]
+    single = new_id()
+
+    async def main() -> Tuple[Any, ...]:
+        ping = new_id()
+        publish_soon(worker, client, [(ping, 'ping')])
+        assert await bound(client, ping).aget(timeout=30) == 'ping'  # consuming through the proxy
+        base = client.stats()['received']
+        one = asyncio.ensure_future(bound(client, single).aget(timeout=45))
+        join = asyncio.ensure_future(ResultSet([bound(client, t) for t in ids]).ajoin_native(timeout=45))
+        await watched_waiters(client, 2)
+        await publish_soon(worker, client, [(t, i) for i, t in enumerate(ids[:100])])
+        await until(lambda: client.stats()['received'] - base >= 100, 'the first 100 results to be read')
+        assert proxy.stall() >= 1  # the link goes dead: the next results are held in flight, then lost
+        await publish_soon(worker, client, [(t, i) for i, t in enumerate(ids[100:200], 100)])
+        await until(proxy.held, 'results in flight on the dead link')
+        assert proxy.cut() >= 1
+        await publish_soon(worker, client, [(t, i) for i, t in enumerate(ids[200:], 200)])
+        await publish_soon(worker, client, [(single, 'single')])
+        return await one, await join
+
+    value, values = run(main())
+    assert value == 'single'
+    assert values == list(range(300))
+    assert client.stats()['reconnects'] >= 1
+    assert proxy.accepted >= 2
