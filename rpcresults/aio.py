@@ -91,6 +91,7 @@ class Hub:
 
     # -- sessions ----------------------------------------------------------------------------
     def add(self, session: '_Session') -> None:
+        """Register an await; starts the reader thread when there is none, else wakes it."""
         with self._lock:
             self._sessions.add(session)
             if self._thread is None:
@@ -103,6 +104,7 @@ class Hub:
                 self._event.set()
 
     def remove(self, session: '_Session') -> None:
+        """Unregister an await; with none left, the reader thread ends once it stops reading."""
         with self._lock:
             self._sessions.discard(session)
             if not self._sessions and self._event is not None:
@@ -470,6 +472,7 @@ class NativeIterator:
             self._batches.close()
 
     async def aclose(self) -> None:
+        """Stop iterating early: unwatch what is still watched (and close the poll for non-RPC backends)."""
         self.close()
         if self._poll is not None:
             await self._poll.aclose()

@@ -83,9 +83,11 @@ class DependencyGraph:
         self.adjacent: Dict[Any, List[Any]] = {}
 
     def add_arc(self, node: Any) -> None:
+        """Add ``node`` (with no children yet); a node already present is kept as is."""
         self.adjacent.setdefault(node, [])
 
     def add_edge(self, parent: Any, child: Any) -> None:
+        """Record ``child`` as a child of ``parent`` (adding ``parent`` when new)."""
         self.add_arc(parent)
         self.adjacent[parent].append(child)
 
@@ -99,9 +101,11 @@ class DependencyGraph:
         return node in self.adjacent
 
     def items(self) -> Iterable[Tuple[Any, List[Any]]]:
+        """``(node, children)`` for every node, in insertion order."""
         return self.adjacent.items()
 
     def edges(self) -> List[Tuple[Any, Any]]:
+        """Every ``(parent, child)`` pair of the graph."""
         return [(parent, child) for parent, children in self.adjacent.items() for child in children]
 
     def to_dot(self) -> str:
@@ -178,6 +182,7 @@ class AsyncResult(ResultBase):
 
     @property
     def supports_native_join(self) -> bool:
+        """True when this result's backend can wait for many results at once (``join_native``)."""
         return self.backend.supports_native_join
 
     def __eq__(self, other: object) -> bool:
@@ -276,14 +281,17 @@ class AsyncResult(ResultBase):
 
     @property
     def traceback(self) -> Optional[str]:
+        """The worker's formatted traceback when the task failed, else ``None``."""
         return self._get_task_meta().get('traceback')
 
     @property
     def children(self) -> Optional[List[ResultBase]]:
+        """Results of the tasks this task started (as the worker reported them), else ``None``."""
         return self._get_task_meta().get('children')
 
     @property
     def date_done(self) -> Optional[datetime]:
+        """When the task finished, as a datetime (``None`` before then or when the worker sent none)."""
         value = self._get_task_meta().get('date_done')
         if isinstance(value, str):
             try:
@@ -294,22 +302,27 @@ class AsyncResult(ResultBase):
 
     @property
     def args(self) -> Any:
+        """The task's positional arguments; only when the worker sends extended results."""
         return self._get_task_meta().get('args')
 
     @property
     def kwargs(self) -> Any:
+        """The task's keyword arguments; only when the worker sends extended results."""
         return self._get_task_meta().get('kwargs')
 
     @property
     def worker(self) -> Optional[str]:
+        """Hostname of the worker that ran the task; only when the worker sends extended results."""
         return self._get_task_meta().get('worker')
 
     @property
     def retries(self) -> Optional[int]:
+        """How many times the task was retried; only when the worker sends extended results."""
         return self._get_task_meta().get('retries')
 
     @property
     def queue(self) -> Optional[str]:
+        """The queue the task was delivered from; only when the worker sends extended results."""
         return self._get_task_meta().get('queue')
 
     def ready(self) -> bool:
@@ -317,9 +330,11 @@ class AsyncResult(ResultBase):
         return self.state in states.READY_STATES
 
     def successful(self) -> bool:
+        """True when the task finished with SUCCESS."""
         return self.state == states.SUCCESS
 
     def failed(self) -> bool:
+        """True when the task finished with FAILURE."""
         return self.state == states.FAILURE
 
     def exists(self) -> bool:
@@ -463,6 +478,7 @@ class AsyncResult(ResultBase):
 
     @property
     def graph(self) -> DependencyGraph:
+        """The dependency graph of this result (``build_graph()`` with its defaults)."""
         return self.build_graph()
 
     # -- actions -----------------------------------------------------------------------------
@@ -507,6 +523,7 @@ class EagerResult(AsyncResult):
 
     @property
     def supports_native_join(self) -> bool:
+        """Always False: an eager result has no backend to join through."""
         return False
 
     def _get_task_meta(self, drain: bool = True) -> Meta:
@@ -569,6 +586,7 @@ class ResultSet(ResultBase):
 
     @property
     def app(self) -> App:
+        """The app given, else the first member's app, else the default app."""
         if self._app is None:
             self._app = self.results[0].app if self.results else app_or_default(None)
         return self._app
@@ -579,10 +597,12 @@ class ResultSet(ResultBase):
 
     @property
     def backend(self) -> Any:
+        """The first member's backend (the app's backend when the set is empty)."""
         return self.results[0].backend if self.results else self.app.backend
 
     @property
     def supports_native_join(self) -> bool:
+        """True when every member's backend supports ``join_native`` (``get()`` then uses it)."""
         return all(result.supports_native_join for result in self.results)
 
     # -- membership --------------------------------------------------------------------------
@@ -616,6 +636,7 @@ class ResultSet(ResultBase):
             pass
 
     def clear(self) -> None:
+        """Remove every member."""
         self.results[:] = []
 
     def __len__(self) -> int:
@@ -669,15 +690,19 @@ class ResultSet(ResultBase):
         return result_states
 
     def successful(self) -> bool:
+        """True when every member finished with SUCCESS (answered from what already arrived)."""
         return all(state == states.SUCCESS for state in self._member_states())
 
     def failed(self) -> bool:
+        """True when any member finished with FAILURE (answered from what already arrived)."""
         return any(state == states.FAILURE for state in self._member_states())
 
     def waiting(self) -> bool:
+        """True when any member is not ready yet (answered from what already arrived)."""
         return any(state not in states.READY_STATES for state in self._member_states())
 
     def ready(self) -> bool:
+        """True when every member is ready (answered from what already arrived)."""
         return all(state in states.READY_STATES for state in self._member_states())
 
     def completed_count(self) -> int:
@@ -685,12 +710,17 @@ class ResultSet(ResultBase):
         return sum(1 for state in self._member_states() if state == states.SUCCESS)
 
     def maybe_throw(self, callback: Optional[Callback] = None, propagate: bool = True) -> None:
+        """Raise the first failed member's exception, in member order, when ``propagate``.
+
+        ``callback(id, value)`` is called for each member that does not raise.
+        """
         for result in self.results:
             result.maybe_throw(callback=callback, propagate=propagate)
 
     maybe_reraise = maybe_throw
 
     def forget(self) -> None:
+        """Forget every member, locally and in its backend."""
         for result in self.results:
             result.forget()
 
@@ -840,12 +870,14 @@ class GroupResult(ResultSet):
         return backend.restore_group(id)
 
     def as_tuple(self) -> Tuple[Any, List[Any]]:
+        """``((id, parent_tuple), [member tuples])``: the inverse of :func:`result_from_tuple`."""
         parent = self.parent
         return ((self.id, parent and parent.as_tuple()),  # type: ignore[attr-defined]
                 [result.as_tuple() for result in self.results])
 
     @property
     def children(self) -> List[Any]:
+        """The members (Celery's name for ``results`` on a group)."""
         return self.results
 
     def __eq__(self, other: object) -> bool:

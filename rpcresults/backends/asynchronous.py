@@ -151,6 +151,7 @@ class Drainer:
             self._sleepers.add(event)
 
     def discard_sleeper(self, event: threading.Event) -> None:
+        """Stop setting ``event`` when a leader finishes (undoes :meth:`add_sleeper`)."""
         with self._sleepers_lock:
             self._sleepers.discard(event)
 
@@ -391,6 +392,7 @@ class AsyncBackendMixin:
         return result
 
     def add_pending_results(self, results: Iterable['AsyncResult'], weak: bool = False) -> None:
+        """:meth:`add_pending_result` for each of ``results`` (Celery's batch form)."""
         for result in results:
             self.add_pending_result(result, weak=weak)
 
@@ -479,9 +481,11 @@ class GreenDrainer(Drainer):
 
     # -- the green library (subclasses) ------------------------------------------------------
     def spawn(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` in a new green thread of the library (the reader); returns its handle."""
         raise NotImplementedError
 
     def sleep(self, seconds: float) -> None:
+        """Sleep ``seconds`` without blocking other green threads."""
         raise NotImplementedError
 
     def new_event(self) -> Any:
@@ -563,10 +567,12 @@ class GeventDrainer(GreenDrainer):
     """:class:`GreenDrainer` on gevent greenlets and ``gevent.event.Event``."""
 
     def spawn(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` in a new greenlet (``gevent.spawn``)."""
         import gevent
         return gevent.spawn(fn)
 
     def sleep(self, seconds: float) -> None:
+        """``gevent.sleep``: yields to other greenlets."""
         import gevent
         gevent.sleep(seconds)
 
@@ -601,10 +607,12 @@ class EventletDrainer(GreenDrainer):
     """:class:`GreenDrainer` on eventlet green threads."""
 
     def spawn(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` in a new green thread (``eventlet.spawn``)."""
         import eventlet
         return eventlet.spawn(fn)
 
     def sleep(self, seconds: float) -> None:
+        """``eventlet.sleep``: yields to other green threads."""
         import eventlet
         eventlet.sleep(seconds)
 
