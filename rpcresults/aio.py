@@ -20,18 +20,22 @@ the read. The thread runs the proven blocking path (recovery, acks,
 heartbeats, queue-loss reports) unchanged; the loop only ever touches the
 state table (no I/O, no blocking lock held across I/O).
 
-Cancellation and timeouts. A timeout is a loop timer (``timeout=0`` answers from
-replies already read); when it fires, or the
+Cancellation and timeouts. A timeout is a loop timer (``timeout=0`` first reads
+what the socket already holds, in the loop's executor, as ``get(timeout=0)``
+does); when it fires, or the
 awaiting task is cancelled, the waiter is unwatched (removed from the table)
 and from the hub before the exception leaves the await. The hub thread reads
 only while some await still waits for a reply, and ends when none is left.
 Timeouts raise :class:`rpcresults.exceptions.TimeoutError`, which is both a
-builtin ``TimeoutError`` and an ``asyncio.TimeoutError``.
+builtin ``TimeoutError`` and an ``asyncio.TimeoutError``. An await whose loop
+was closed under it is dropped by the hub thread. ``backend.close()`` ends every
+await in progress with :class:`ResultBackendClosed`.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -40,13 +44,14 @@ from typing import (TYPE_CHECKING, Any, AsyncIterator, Deque, Dict, List, Option
 
 from . import states
 from ._drain import Waiter, fill_values, index_results
-from .backends.asynchronous import READ_SLICE, ErrorMeta
+from .backends.asynchronous import READ_SLICE, ErrorMeta, ResultBackendClosed
 from .exceptions import TaskRevokedError, TimeoutError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .result import AsyncResult, ResultSet
 
-__all__ = ('Hub', 'hub_for', 'wait_result', 'join_native', 'iter_native', 'NativeIterator')
+__all__ = ('Hub', 'hub_for', 'wait_result', 'join_native', 'iter_native', 'NativeIterator',
+           'ResultBackendClosed')
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +61,16 @@ Meta = Dict[str, Any]
 POLL_INTERVAL = 0.5
 
 _hubs_lock = threading.Lock()
+
+
+def _reset_after_fork() -> None:
+    """A parent thread may have held the lock at fork time: the child starts with a free one."""
+    global _hubs_lock
+    _hubs_lock = threading.Lock()
+
+
+if hasattr(os, 'register_at_fork'):
+    os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def _is_async(backend: Any) -> bool:
@@ -103,6 +118,17 @@ class Hub:
             elif self._event is not None:
                 self._event.set()
 
+    def wake(self) -> None:
+        """Make the reader thread look at its awaits again (one of them lost its loop)."""
+        event = self._event
+        if event is not None:
+            event.set()
+
+    def fail_all(self, error: BaseException) -> None:
+        """Hand ``error`` to every await in progress (the backend was closed)."""
+        for session in tuple(self._sessions):
+            session.waiter.fail(error)
+
     def remove(self, session: '_Session') -> None:
         """Unregister an await; with none left, the reader thread ends once it stops reading."""
         with self._lock:
@@ -114,7 +140,7 @@ class Hub:
         """Some await still waits for a reply (not merely for the loop to take it)."""
         for session in tuple(self._sessions):
             waiter = session.waiter
-            if waiter.remaining > 0 and waiter.error is None:
+            if waiter.remaining > 0 and waiter.error is None and not session.loop.is_closed():
                 return True
         return False
 
@@ -125,6 +151,8 @@ class Hub:
         """When a reconnect may give up: the latest deadline of the busy awaits (None: never)."""
         latest = 0.0
         for session in tuple(self._sessions):
+            if session.loop.is_closed():
+                continue
             if session.deadline is None:
                 return None
             latest = max(latest, session.deadline)
@@ -135,6 +163,7 @@ class Hub:
         drainer.add_sleeper(event)
         try:
             while True:
+                self._drop_orphans()
                 with self._lock:
                     if not self._sessions:
                         self._thread = None
@@ -151,7 +180,8 @@ class Hub:
                     drainer.serve(self._idle, time.monotonic() + READ_SLICE, give_up_at, event)
                 except Exception as exc:  # what a blocking get() would raise: its awaits raise it
                     self.errors += 1
-                    logger.warning('asyncio reader for %s failed: %r', self.consumer.backend.oid, exc)
+                    level = logging.DEBUG if isinstance(exc, ResultBackendClosed) else logging.WARNING
+                    logger.log(level, 'asyncio reader for %s failed: %r', self.consumer.backend.oid, exc)
                     for session in tuple(self._sessions):
                         if session.waiter.remaining > 0:
                             session.waiter.fail(exc)
@@ -166,6 +196,14 @@ class Hub:
             raise
         finally:
             drainer.discard_sleeper(event)
+
+
+    def _drop_orphans(self) -> None:
+        """Forget awaits whose loop was closed under them: nobody will ever take their result."""
+        for session in tuple(self._sessions):
+            if session.loop.is_closed():
+                logger.debug('dropping an await of %s left on a closed loop', self.consumer.backend.oid)
+                session.close()
 
 
 def hub_for(consumer: Any) -> Hub:
@@ -198,8 +236,9 @@ class _Session:
         self.closed = False
         self.deadline = None if timeout is None else time.monotonic() + timeout
         self.timer = None if timeout is None else self.loop.call_later(max(timeout, 0.0), self._time_up)
+        consumer.allow_reopen()  # a new await after backend.close() opens it again
         self.table.watch(self.waiter, waiting)
-        if self.waiter.remaining > 0:
+        if self.waiter.remaining > 0 and (timeout is None or timeout > 0):  # timeout=0 only looks once
             self.hub.add(self)
 
     def _wake_threadsafe(self) -> None:
@@ -209,8 +248,8 @@ class _Session:
         self.scheduled = True
         try:
             self.loop.call_soon_threadsafe(self._on_wake)
-        except RuntimeError:  # the loop is closed: nobody is left to wake
-            pass
+        except RuntimeError:  # the loop is closed: nobody is left to wake; the hub drops us
+            self.hub.wake()
 
     def _on_wake(self) -> None:
         self.scheduled = False
@@ -255,12 +294,17 @@ class _Batches:
         self.consumer = consumer
         self.initial, waiting = consumer.prepare_wait(by_id)
         self.session = _Session(consumer, waiting, timeout) if waiting else None
+        self.look_first = timeout is not None and timeout <= 0
 
     async def next(self) -> Optional[Deque[Tuple[str, Any]]]:
         if self.initial:
             return self.initial
         if self.session is None:
             return None
+        if self.look_first:  # as get(timeout=0): read what the socket already holds, off the loop
+            self.look_first = False
+            if not self.session.waiter.bucket:
+                await asyncio.get_running_loop().run_in_executor(None, self.consumer.drainer.drain_now)
         return await self.session.next_bucket()
 
     def close(self) -> None:

@@ -9,7 +9,7 @@ __all__ = (
     'RPCResultsError', 'TimeoutError', 'BacklogLimitExceeded', 'SecurityError',
     'ReplyQueueLost', 'ResultEvicted', 'ImproperlyConfigured', 'NotRegistered',
     'IncompleteStream', 'ChordError', 'TaskRevokedError', 'MalformedResult',
-    'ContentDisallowed', 'ResultNotDelivered',
+    'ContentDisallowed', 'ResultNotDelivered', 'ResultBackendClosed',
 )
 
 from kombu.exceptions import ContentDisallowed  # noqa: E402  (re-exported: refused content types)
@@ -112,3 +112,14 @@ class ResultNotDelivered(RPCResultsError):
         self.task_id = task_id
         self.reply_to = reply_to
         self.reason = reason
+
+
+class ResultBackendClosed(RPCResultsError, ConnectionError):
+    """The result backend was closed while this wait was in progress.
+
+    Waits begun before ``close()`` get it instead of a silent reconnect; a wait begun
+    after it opens the backend again.
+    """
+
+    def __init__(self, detail: str = 'the result backend was closed') -> None:
+        super().__init__(detail)

@@ -15,6 +15,7 @@ synchronous waiters.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from collections import deque
@@ -22,14 +23,16 @@ from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List
                     Set, Tuple, Type)
 
 from .. import states
+from .._consume import wait_readable
 from .._drain import StateTable, Waiter, fill_values, index_results
-from ..exceptions import ResultEvicted, TaskRevokedError, TimeoutError
+from ..exceptions import ResultBackendClosed, ResultEvicted, TaskRevokedError, TimeoutError
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..result import AsyncResult, ResultSet
 
 __all__ = ('AsyncBackendMixin', 'BaseResultConsumer', 'Drainer', 'GreenDrainer', 'GeventDrainer',
-           'EventletDrainer', 'drainers', 'register_drainer', 'detect_environment', 'error_meta')
+           'EventletDrainer', 'drainers', 'register_drainer', 'detect_environment', 'error_meta',
+           'ResultBackendClosed')
 
 Meta = Dict[str, Any]
 
@@ -41,6 +44,9 @@ _SAME: Any = object()
 #: How long a background reader (green drainer, asyncio driver) reads before it looks
 #: again whether anyone still waits.
 READ_SLICE = 1.0
+
+#: Longest sleep of a reader that polls a socket owned by another green hub (see GreenDrainer).
+POLL_SLICE = 0.25
 
 drainers: Dict[str, Type['Drainer']] = {}
 
@@ -92,6 +98,7 @@ class Drainer:
         self._leader = threading.Lock()
         self._sleepers: Set[threading.Event] = set()
         self._sleepers_lock = threading.Lock()
+        self._waiting: Set[Waiter] = set()
 
     def wait(self, waiter: Waiter, deadline: Optional[float],
              on_interval: Optional[Callable[[], Any]] = None) -> bool:
@@ -100,6 +107,7 @@ class Drainer:
         waiter.wake = event.set
         with self._sleepers_lock:
             self._sleepers.add(event)
+            self._waiting.add(waiter)
         has_news = lambda: bool(waiter.bucket) or waiter.error is not None or waiter.done  # noqa: E731
         first = True
         try:
@@ -114,7 +122,7 @@ class Drainer:
                 if self._leader.acquire(blocking=False):
                     waiter.wake = None  # the reader checks its own waiter after every read
                     try:
-                        self.consumer.drain_events_until(has_news, deadline)
+                        self._lead(has_news, deadline, deadline)
                     finally:
                         waiter.wake = event.set
                         self._leader.release()
@@ -127,6 +135,19 @@ class Drainer:
             waiter.wake = None
             with self._sleepers_lock:
                 self._sleepers.discard(event)
+                self._waiting.discard(waiter)
+
+    def _lead(self, until: Callable[[], bool], deadline: Optional[float], give_up_at: Optional[float]) -> None:
+        """Read as the leader until ``until()`` or ``deadline`` (reconnects give up at ``give_up_at``)."""
+        self.consumer.drain_events_until(until, deadline, give_up_at=give_up_at)
+
+    def fail_waiters(self, error: BaseException) -> None:
+        """Hand ``error`` to every wait in progress through this drainer (the backend closed)."""
+        with self._sleepers_lock:
+            waiters = list(self._waiting)
+        for waiter in waiters:
+            waiter.fail(error)
+        self._wake_sleepers()
 
     def serve(self, until: Callable[[], bool], slice_end: float, give_up_at: Optional[float],
               event: threading.Event) -> None:
@@ -138,7 +159,7 @@ class Drainer:
         """
         if self._leader.acquire(blocking=False):
             try:
-                self.consumer.drain_events_until(until, slice_end, give_up_at=give_up_at)
+                self._lead(until, slice_end, give_up_at)
             finally:
                 self._leader.release()
                 self._wake_sleepers()
@@ -204,6 +225,27 @@ class BaseResultConsumer:
 
     def cancel_for(self, task_id: str) -> None:
         """Nothing to cancel per task: the reply queue is shared by every id."""
+
+    def reply_socket(self) -> Any:
+        """The socket replies arrive on, when there is one we can poll (None otherwise)."""
+        transport = getattr(getattr(self, '_replies', None), '_transport', None)
+        return getattr(transport, 'sock', None)
+
+    # -- closing -----------------------------------------------------------------------------
+    #: Set by ``stop()``: readers raise :class:`ResultBackendClosed` instead of reconnecting,
+    #: until a new wait (or an explicit ``start()``) opens the backend again.
+    closed: bool = False
+
+    def allow_reopen(self) -> None:
+        """A new wait after ``stop()``: let the next read connect again (connects nothing here)."""
+        self.closed = False
+
+    def fail_waiters(self, error: BaseException) -> None:
+        """Hand ``error`` to every wait in progress: blocking ones and asyncio awaits."""
+        self.drainer.fail_waiters(error)
+        hub = self.aio_hub
+        if hub is not None:
+            hub.fail_all(error)
 
     def on_after_fork(self) -> None:
         """Forget the parent's connection and state in a forked child.
@@ -471,12 +513,22 @@ class GreenDrainer(Drainer):
     events. Waiters never read, so one killed or timed-out green thread never
     leaves the reading half done; the reader ends when nobody waits. An error the
     reader cannot recover from (a reconnect that gave up) goes to every waiter.
+
+    Several OS threads (monkey-patched without ``thread``) each have a hub of their
+    own, and a green thread cannot switch to another thread's hub. The reader lives
+    on the hub of the thread that started it; waiters of other threads take turns
+    leading instead (:meth:`_wait_elsewhere`), sleeping on green events of their own
+    hub. A reader that died, or whose thread ended, is replaced. A socket is read by
+    polling it from the current hub when another hub owns it (gevent binds sockets to
+    the hub that made them).
     """
 
     def __init__(self, consumer: 'BaseResultConsumer') -> None:
         super().__init__(consumer)
-        self._waits: Dict[Waiter, Optional[float]] = {}  # waiter -> its deadline
+        self._waits: Dict[Waiter, Tuple[Optional[float], int]] = {}  # waiter -> (deadline, OS thread)
         self._reader: Any = None
+        self._reader_thread: Optional[int] = None  # OS thread id of the reader's hub
+        self._generation = 0
         self.readers_started = 0
 
     # -- the green library (subclasses) ------------------------------------------------------
@@ -492,6 +544,18 @@ class GreenDrainer(Drainer):
         """A resettable green event: ``set()``, ``clear()``, ``wait(timeout)``."""
         raise NotImplementedError
 
+    def thread_ident(self) -> int:
+        """The id of the OS thread (not the green thread) running the caller."""
+        raise NotImplementedError
+
+    def call_in_thread_of(self, event: Any) -> Callable[[], None]:
+        """A ``set`` for ``event`` that any OS thread may call (best effort: waits are sliced anyway)."""
+        return event.set
+
+    def owns_socket(self, sock: Any) -> bool:
+        """Whether the current hub may block on ``sock`` (else it is polled)."""
+        return True
+
     # -- waiting -----------------------------------------------------------------------------
     def wait(self, waiter: Waiter, deadline: Optional[float],
              on_interval: Optional[Callable[[], Any]] = None) -> bool:
@@ -503,8 +567,9 @@ class GreenDrainer(Drainer):
             return has_news()
         event = self.new_event()
         waiter.wake = event.set
-        self._waits[waiter] = deadline
-        self._ensure_reader()
+        if not self._join_reader(waiter, deadline):
+            waiter.wake = None
+            return self._wait_elsewhere(waiter, deadline, on_interval)
         try:
             while True:
                 event.clear()
@@ -523,34 +588,135 @@ class GreenDrainer(Drainer):
             waiter.wake = None
             self._waits.pop(waiter, None)
 
+    def _join_reader(self, waiter: Waiter, deadline: Optional[float]) -> bool:
+        """Register ``waiter`` with the reader of this thread's hub (started if needed).
+
+        False when a live reader runs on another OS thread's hub.
+        """
+        ident = self.thread_ident()
+        with self._sleepers_lock:
+            if self._reader is not None and not self._reader_alive():
+                stale = self._reader_thread
+                for other, (_, thread) in list(self._waits.items()):
+                    if thread == stale:  # green threads of an ended thread never come back
+                        self._waits.pop(other, None)
+                self._reader = None
+            if self._reader is not None and self._reader_thread != ident:
+                return False
+            self._waits[waiter] = (deadline, ident)
+            if self._reader is None:
+                self.readers_started += 1
+                self._generation += 1
+                self._reader_thread = ident
+                generation = self._generation
+                self._reader = self.spawn(lambda: self._read(generation))
+        return True
+
+    def _reader_alive(self) -> bool:
+        reader = self._reader
+        if reader is None or getattr(reader, 'dead', False):
+            return False
+        return self._reader_thread in sys._current_frames()
+
+    def _wait_elsewhere(self, waiter: Waiter, deadline: Optional[float],
+                        on_interval: Optional[Callable[[], Any]]) -> bool:
+        """Wait from a hub other than the reader's: lead in turns, sleeping on a green event."""
+        event = self.new_event()
+        wake = self.call_in_thread_of(event)
+        waiter.wake = wake
+        with self._sleepers_lock:
+            self._sleepers.add(wake)  # type: ignore[arg-type]  # anything with set()
+            self._waiting.add(waiter)
+        has_news = lambda: bool(waiter.bucket) or waiter.error is not None or waiter.done  # noqa: E731
+        try:
+            while True:
+                event.clear()
+                if has_news():
+                    return True
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
+                    return False
+                if self._leader.acquire(blocking=False):
+                    waiter.wake = None
+                    try:
+                        end = now + POLL_SLICE if deadline is None else min(deadline, now + POLL_SLICE)
+                        self._poll_lead(has_news, end, deadline)
+                    finally:
+                        waiter.wake = wake
+                        self._leader.release()
+                        self._wake_sleepers()
+                    self.sleep(0)  # let the reader's hub (and this one's green threads) have a turn
+                else:
+                    event.wait(POLL_SLICE if deadline is None else min(POLL_SLICE, max(deadline - now, 0.0)))
+                if on_interval is not None:
+                    on_interval()
+        finally:
+            waiter.wake = None
+            with self._sleepers_lock:
+                self._sleepers.discard(wake)  # type: ignore[arg-type]
+                self._waiting.discard(waiter)
+
+    def _wake_sleepers(self) -> None:
+        with self._sleepers_lock:
+            sleepers = list(self._sleepers)
+        for event in sleepers:
+            (event.set if hasattr(event, 'set') else event)()
+
+    def _lead(self, until: Callable[[], bool], deadline: Optional[float], give_up_at: Optional[float]) -> None:
+        sock = self.consumer.reply_socket()
+        if sock is None or self.owns_socket(sock):
+            super()._lead(until, deadline, give_up_at)
+        else:
+            self._poll_lead(until, deadline, give_up_at)
+
+    def _poll_lead(self, until: Callable[[], bool], deadline: Optional[float],
+                   give_up_at: Optional[float]) -> None:
+        """Lead without blocking inside the socket: poll it from this hub, then read what came."""
+        consumer = self.consumer
+        consumer.deadline = give_up_at
+        try:
+            while True:
+                consumer.drain_available()
+                if until():
+                    return
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
+                    return
+                sock = consumer.reply_socket()
+                if sock is not None and self.owns_socket(sock):  # reconnected from this hub
+                    consumer._drain_until(until, deadline)
+                    return
+                wait_readable(sock, POLL_SLICE if deadline is None else min(POLL_SLICE, deadline - now))
+        finally:
+            consumer.deadline = None
+
     @property
     def waiting(self) -> int:
-        """How many green threads wait through this drainer now."""
+        """How many green threads wait through this drainer's reader now."""
         return len(self._waits)
 
-    def _ensure_reader(self) -> None:
-        if self._reader is None:
-            self.readers_started += 1
-            self._reader = self.spawn(self._read)
+    def fail_waiters(self, error: BaseException) -> None:
+        for waiter in list(self._waits):
+            waiter.fail(error)
+        super().fail_waiters(error)
 
     def _all_have_news(self) -> bool:
         return all(w.bucket or w.error is not None or w.done for w in list(self._waits))
 
     def _give_up_at(self) -> Optional[float]:
-        deadlines = list(self._waits.values())
+        deadlines = [deadline for deadline, _ in list(self._waits.values())]
         if not deadlines or any(d is None for d in deadlines):
             return None
         return max(deadlines)  # type: ignore[type-var]
 
-    def _read(self) -> None:
+    def _read(self, generation: int) -> None:
         try:
-            while self._waits:
+            while self._waits and self._generation == generation:
                 if self._all_have_news() or not self._leader.acquire(blocking=False):
                     self.sleep(0.001)  # let the woken ones run (or drain_now finish)
                     continue
                 try:
-                    self.consumer.drain_events_until(self._all_have_news, time.monotonic() + READ_SLICE,
-                                                     give_up_at=self._give_up_at())
+                    self._lead(self._all_have_news, time.monotonic() + READ_SLICE, self._give_up_at())
                 except Exception as exc:  # the waiters' error, as it would be a sync get()'s
                     logger.warning('green reader for %r failed: %r', self.consumer, exc)
                     for waiter in list(self._waits):
@@ -559,7 +725,18 @@ class GreenDrainer(Drainer):
                     self._leader.release()
                     self._wake_sleepers()  # a background reader (asyncio driver) may take over
         finally:
-            self._reader = None
+            with self._sleepers_lock:
+                if self._generation == generation:
+                    self._reader = None
+
+
+def _original_get_ident(library: str) -> Callable[[], int]:
+    """``_thread.get_ident`` as it was before ``library`` monkey-patched it (an OS thread id)."""
+    if library == 'gevent':
+        from gevent.monkey import get_original
+        return get_original('_thread', 'get_ident')  # type: ignore[no-any-return]
+    from eventlet.patcher import original
+    return original('_thread').get_ident  # type: ignore[no-any-return]
 
 
 @register_drainer('gevent')
@@ -580,7 +757,28 @@ class GeventDrainer(GreenDrainer):
         from gevent.event import Event
         return Event()
 
+    def thread_ident(self) -> int:
+        return _original_get_ident('gevent')()
 
+    def call_in_thread_of(self, event: Any) -> Callable[[], None]:
+        """``event.set`` run on the hub of the thread that made ``event``, from any thread."""
+        import gevent
+        loop = gevent.get_hub().loop
+        get_ident = _original_get_ident('gevent')
+        home = get_ident()
+
+        def set_event() -> None:
+            if get_ident() == home:
+                event.set()
+            else:
+                loop.run_callback_threadsafe(event.set)
+        return set_event
+
+    def owns_socket(self, sock: Any) -> bool:
+        """gevent sockets wait on the hub that made them: only that hub may block on one."""
+        import gevent
+        hub = getattr(sock, 'hub', None)
+        return hub is None or hub is gevent.get_hub()
 class _EventletEvent:
     """A resettable event over eventlet's one-shot ``Event``."""
 
@@ -618,3 +816,17 @@ class EventletDrainer(GreenDrainer):
 
     def new_event(self) -> Any:
         return _EventletEvent()
+
+    def thread_ident(self) -> int:
+        return _original_get_ident('eventlet')()
+
+    def call_in_thread_of(self, event: Any) -> Callable[[], None]:
+        """``event.set`` from its own thread only: eventlet hubs take no calls from other threads,
+        so a waiter of another thread notices within :data:`POLL_SLICE` instead."""
+        get_ident = self.thread_ident
+        home = get_ident()
+
+        def set_event() -> None:
+            if get_ident() == home:
+                event.set()
+        return set_event

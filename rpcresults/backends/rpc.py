@@ -26,7 +26,7 @@ from .._consume import ReplyChannel, detach_after_fork, reply_channel_for, wait_
 from .._drain import FrameError, StateTable
 from ..exceptions import BacklogLimitExceeded, ReplyQueueLost, ResultNotDelivered
 from . import base
-from .asynchronous import AsyncBackendMixin, BaseResultConsumer
+from .asynchronous import AsyncBackendMixin, BaseResultConsumer, ResultBackendClosed
 
 __all__ = ('RPCBackend', 'ResultConsumer', 'BacklogLimitExceeded', 'make_state_table')
 
@@ -67,30 +67,69 @@ class ResultConsumer(BaseResultConsumer):
         self._connected_once = False
 
     # -- lifecycle ---------------------------------------------------------------------------
-    def start(self, initial_task_id: Optional[str] = None, no_ack: bool = True, **kwargs: Any) -> None:
-        """Connect, declare the reply queue and consume it (does nothing when already consuming)."""
+    #: How long ``stop()`` waits for a reading thread to finish its read before it drops the
+    #: connection under it (no handshake) instead of closing it politely.
+    STOP_GRACE = 0.25
+
+    def start(self, initial_task_id: Optional[str] = None, no_ack: bool = True, *,
+              reopen: bool = True, **kwargs: Any) -> None:
+        """Connect, declare the reply queue and consume it (does nothing when already consuming).
+
+        After ``stop()`` an explicit start (or a new wait) opens the backend again;
+        readers pass ``reopen=False`` and get :class:`ResultBackendClosed` instead.
+        """
+        if reopen:
+            self.allow_reopen()
         if self._replies is not None:
             return
         with self._start_lock:
+            if self.closed:
+                raise ResultBackendClosed()
             if self._replies is None:
                 self._connect(reconnect=self._connected_once)
 
     def stop(self) -> None:
-        """Ack what was handled, cancel the consumer and close the connection."""
-        with self._start_lock:
-            replies, self._replies = self._replies, None
-            connection, self._connection = self._connection, None
-            if replies is not None:
+        """Close the reply connection; every wait in progress raises :class:`ResultBackendClosed`.
+
+        With nobody reading, handled replies are acked, the consumer cancelled and the
+        connection closed politely. When a thread is blocked reading (a ``get()`` or an
+        await elsewhere), the synchronous broker calls could not get their answers, so
+        the connection is dropped without a handshake instead: that ends the read, and
+        the broker requeues the unacked replies. Nothing reconnects until a new wait
+        or an explicit ``start()``.
+        """
+        def drop(connection: Any) -> None:  # no handshake: a thread blocked reading it wakes up
+            try:
+                connection.collect()
+            except Exception:
+                logger.debug('error while dropping the reply connection', exc_info=True)
+            connection._closed = True  # kombu would otherwise reconnect on the next use of it
+
+        self.closed = True
+        self.fail_waiters(ResultBackendClosed())
+        leader = self.drainer._leader
+        polite = leader.acquire(timeout=self.STOP_GRACE)
+        try:
+            with self._start_lock:
+                replies, self._replies = self._replies, None
+                connection, self._connection = self._connection, None
+                if connection is None:
+                    return
+                if not polite:
+                    drop(connection)
+                    return
                 try:
-                    replies.flush_acks()
-                    replies.cancel()
-                except Exception:  # closing anyway: a dead connection cannot ack
-                    logger.debug('could not ack/cancel while stopping', exc_info=True)
-            if connection is not None:
-                try:
+                    if replies is not None:
+                        replies.flush_acks()
+                        replies.cancel()
                     connection.release()
-                except Exception:
-                    logger.debug('error while closing the reply connection', exc_info=True)
+                except Exception:  # closing anyway: a dead connection cannot ack
+                    logger.debug('could not close the reply connection politely', exc_info=True)
+                    drop(connection)
+        finally:
+            if polite:
+                leader.release()
+                self.drainer._wake_sleepers()
 
     def on_after_fork(self) -> None:
         super().on_after_fork()
@@ -158,6 +197,8 @@ class ResultConsumer(BaseResultConsumer):
         logger.warning('reply consumer for %s lost its connection (%r); reconnecting',
                        self.backend.oid, exc)
         with self._start_lock:
+            if self.closed:  # stop() ran: never reconnect behind it
+                raise ResultBackendClosed() from exc
             old, self._connection = self._connection, None
             self._replies = None
             if old is not None:
@@ -180,23 +221,32 @@ class ResultConsumer(BaseResultConsumer):
 
     # -- reading -----------------------------------------------------------------------------
     def _drain_once(self, timeout: Optional[float]) -> bool:
-        """One read; True when something was dispatched, False on timeout."""
-        if self._replies is None:
-            self.start()
+        """One read; True when something was dispatched, False on timeout.
+
+        Raises :class:`ResultBackendClosed` once ``stop()`` ran, instead of reconnecting.
+        """
+        replies, connection = self._replies, self._connection
+        if replies is None or connection is None:
+            self.start(reopen=False)
+            replies, connection = self._replies, self._connection
+            if replies is None:  # stopped meanwhile
+                raise ResultBackendClosed()
         try:
-            return self._replies.read(self._connection, timeout)  # type: ignore[union-attr]
-        except FrameError as exc:
-            logger.error('unreadable input on the reply connection: %s', exc)
-            self._recover(exc)
-            return True
-        except self._connection_errors as exc:
-            self._recover(exc)
-            return True
-        except OSError as exc:
-            self._recover(exc)
+            return replies.read(connection, timeout)
+        except Exception as exc:
+            if self.closed:
+                raise ResultBackendClosed() from exc
+            if isinstance(exc, FrameError):
+                logger.error('unreadable input on the reply connection: %s', exc)
+            elif not isinstance(exc, self._connection_errors + (OSError,)):
+                raise
+            with self._start_lock:  # stop() cannot slip in between the check and the reconnect
+                if self.closed:
+                    raise ResultBackendClosed() from exc
+                self._recover(exc)
             return True
         finally:
-            if self._queue_cancelled:
+            if self._queue_cancelled and not self.closed:
                 self._requeue_after_cancel()
 
     def drain_available(self, limit: Optional[int] = None) -> Tuple[int, bool]:
@@ -226,7 +276,7 @@ class ResultConsumer(BaseResultConsumer):
         """Block up to ``timeout`` (sliced for heartbeats) for a reply and dispatch it."""
         connection = self._connection
         if self._replies is None or connection is None:
-            self.start()
+            self.start(reopen=False)
             connection = self._connection
         heartbeat = connection.heartbeat or 0
         if heartbeat:

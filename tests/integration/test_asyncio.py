@@ -28,7 +28,7 @@ from rpcresults.result import EagerResult
 
 from ..conftest import make_app, new_id, request_for
 from ..proxy import TcpProxy
-from ..helpers import Call, bound, wait_until
+from ..helpers import Call, bound, reap, wait_until
 
 BOUND = 60.0  # bound on any one test coroutine
 
@@ -377,3 +377,105 @@ def test_connection_cut_during_an_await_still_delivers(proxied_client, worker):
     assert values == list(range(300))
     assert client.stats()['reconnects'] >= 1
     assert proxy.accepted >= 2
+
+
+# -- loops closed under an await, zero timeouts, fork ---------------------------------------------
+def test_an_await_left_on_a_closed_loop_is_dropped_and_the_reader_thread_ends(client, worker):
+    task_id = new_id()
+    loop = asyncio.new_event_loop()
+    try:
+        task = loop.create_task(bound(client, task_id).aget())
+        loop.run_until_complete(asyncio.sleep(0.05))
+        hub = hub_for(client.result_consumer)
+        assert hub.pending == 1 and hub.thread is not None
+    finally:
+        loop.close()  # the task is never finished nor cancelled
+    reader = hub.thread
+    publish(worker, client, [(task_id, 'too late')])  # its wake-up finds the loop closed
+    wait_until(lambda: hub.pending == 0, 10, 'the orphaned await to be dropped')
+    assert hub.waiters() == []
+    reader.join(10)
+    assert not reader.is_alive() and hub.thread is None
+    del task
+    # the consumer still works for everyone else
+    other = new_id()
+    publish(worker, client, [(other, 7)])
+    assert run(bound(client, other).aget(timeout=30)) == 7
+
+
+def test_an_await_on_a_closed_loop_with_no_reply_coming_is_dropped_too(client):
+    loop = asyncio.new_event_loop()
+    try:
+        loop.create_task(bound(client, new_id()).aget(timeout=None))
+        loop.run_until_complete(asyncio.sleep(0.05))
+        hub = hub_for(client.result_consumer)
+        reader = hub.thread
+        assert hub.pending == 1 and reader is not None
+    finally:
+        loop.close()
+    wait_until(lambda: hub.pending == 0, 10, 'the orphaned await to be dropped')
+    reader.join(10)
+    assert not reader.is_alive()
+
+
+def reply_in_socket(client: Any, worker: Any, task_id: str, value: Any) -> None:
+    """Publish a reply and wait until it reached the client's socket (not read yet)."""
+    from rpcresults._consume import wait_readable
+    publish(worker, client, [(task_id, value)])
+    sock = client.result_consumer.reply_socket()
+    assert sock is not None
+    assert wait_readable(sock, 10), 'the reply never reached the socket'
+
+
+def test_zero_timeout_reads_what_the_socket_already_holds(app, client, worker):
+    single, member, iterated = new_id(), new_id(), new_id()
+    results = {task_id: bound(client, task_id) for task_id in (single, member, iterated)}
+    for result in results.values():
+        client.add_pending_result(result)
+
+    async def main() -> Tuple[Any, ...]:
+        reply_in_socket(client, worker, single, 'single')
+        value = await results[single].aget(timeout=0)
+        reply_in_socket(client, worker, member, 'member')
+        values = await ResultSet([results[member]], app=app).ajoin_native(timeout=0)
+        reply_in_socket(client, worker, iterated, 'iterated')
+        got = [(task_id, meta['result'])
+               async for task_id, meta in ResultSet([results[iterated]], app=app).aiter_native(timeout=0)]
+        return value, values, got
+
+    # not in debug mode: its slower loop would give a racing reader thread time to read first
+    value, values, got = asyncio.run(asyncio.wait_for(main(), BOUND))
+    assert value == 'single'
+    assert values == ['member']
+    assert got == [(iterated, 'iterated')]
+
+    async def nothing_there() -> Any:
+        return await bound(client, new_id()).aget(timeout=0)
+
+    with pytest.raises(TimeoutError):
+        run(nothing_there())
+
+
+def test_hubs_lock_is_free_in_a_forked_child(client):
+    """A thread holding the lock that makes hubs, at fork time, must not wedge the child's first await."""
+    import os
+    from rpcresults import aio
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with aio._hubs_lock:
+            held.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    assert held.wait(10)
+    try:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover (child)
+            os._exit(0 if aio._hubs_lock.acquire(timeout=5) else 1)
+    finally:
+        release.set()
+        holder.join(10)
+    status = reap(pid, 20)
+    assert status is not None and os.waitstatus_to_exitcode(status) == 0

@@ -28,12 +28,12 @@ SUBPROCESS_TIMEOUT = 120
 WAITERS = 50
 
 
-def run_green(library: str, broker_url: str) -> Dict[str, Any]:
+def run_green(library: str, broker_url: str, script: str = 'green_waiters', *args: str) -> Dict[str, Any]:
     if importlib.util.find_spec(library) is None:
         pytest.fail(f'{library} is not installed: install the test extra (pip install -e ".[test]")',
                     pytrace=False)
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get('PYTHONPATH', ''))
-    proc = subprocess.run([sys.executable, '-m', 'tests.green.green_waiters', library, broker_url, str(WAITERS)],
+    proc = subprocess.run([sys.executable, '-m', f'tests.green.{script}', library, broker_url, *args],
                           cwd=str(ROOT), env=env, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     lines = [line for line in proc.stdout.splitlines() if line.startswith('REPORT ')]
     assert proc.returncode == 0 and lines, (
@@ -51,7 +51,7 @@ def test_registry_has_every_environment_and_the_plain_process_uses_the_default(c
 
 @pytest.mark.parametrize('library, drainer', [('gevent', 'GeventDrainer'), ('eventlet', 'EventletDrainer')])
 def test_green_threads_wait_through_the_green_drainer(library, drainer, broker_url):
-    report = run_green(library, broker_url)
+    report = run_green(library, broker_url, 'green_waiters', str(WAITERS))
     assert report['environment'] == library
     assert report['drainer'] == drainer
     assert report['using_extension'] is _drain.USING_EXTENSION  # the same twin as this pass
@@ -65,3 +65,19 @@ def test_green_threads_wait_through_the_green_drainer(library, drainer, broker_u
     assert report['waiting_after'] == 0
     assert report['reader_ended'] is True
     assert report['readers_started'] >= 1
+
+
+@pytest.mark.parametrize('library', ['gevent', 'eventlet'])
+def test_green_threads_of_several_os_threads_share_one_consumer(library, broker_url):
+    """Patched without ``thread``: a real thread's hub runs the reader of a socket made on the main
+    hub; green threads of the main hub wait meanwhile (their hub keeps running), and once that
+    thread is gone a later wait still gets its reply (the reader is replaced)."""
+    report = run_green(library, broker_url, 'green_threads')
+    assert report['drainer'] == f'{library.capitalize()}Drainer'
+    assert report['reader_in_thread'] is True
+    assert report['ticked_while_waiting'] is True, 'a wait blocked the other green threads of its hub'
+    assert report['main_got'] == 'second'
+    assert report['thread_got'] == 'first'
+    assert report['thread_ended'] is True
+    assert report['later_got'] == 'third'
+    assert report['readers_started'] >= 2

@@ -1,0 +1,122 @@
+"""Run in a subprocess by tests/integration/test_green_drainers.py: monkey-patch with gevent or
+eventlet but keep real OS threads, wait from green threads of two OS threads (two hubs) on the
+real broker, print a JSON report.
+
+    python -m tests.green.green_threads gevent|eventlet BROKER_URL
+"""
+from __future__ import annotations
+
+import sys
+
+LIBRARY = sys.argv[1]
+if LIBRARY == 'gevent':
+    from gevent import monkey
+    monkey.patch_all(thread=False)
+elif LIBRARY == 'eventlet':
+    import eventlet
+    eventlet.monkey_patch(thread=False)
+else:
+    raise SystemExit(f'unknown green library {LIBRARY!r}')
+
+import json  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+import uuid  # noqa: E402
+from typing import Any, Callable, Dict  # noqa: E402
+
+from rpcresults import App, AsyncResult  # noqa: E402
+
+if LIBRARY == 'gevent':
+    import gevent
+
+    spawn = gevent.spawn
+    sleep = gevent.sleep
+
+    def outcome(thread: Any, timeout: float) -> Any:
+        thread.join(timeout)
+        return thread.value if thread.successful() else repr(thread.exception)
+else:
+    spawn = eventlet.spawn
+    sleep = eventlet.sleep
+
+    def outcome(thread: Any, timeout: float) -> Any:
+        with eventlet.Timeout(timeout, False):
+            try:
+                return thread.wait()
+            except Exception as exc:  # reported
+                return repr(exc)
+        return 'still waiting'
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= deadline:
+            return False
+        sleep(0.005)
+    return True
+
+
+def main() -> Dict[str, Any]:
+    app = App(sys.argv[2], result_reply_queue_expires=60)
+    client = app.backend
+    worker = app.create_backend()
+    drainer = client.result_consumer.drainer
+    client.result_consumer.start()  # the socket belongs to this (the main) thread's hub
+    report: Dict[str, Any] = {'drainer': type(drainer).__name__}
+
+    def publish(task_id: str, value: Any) -> None:
+        worker.mark_as_done(task_id, value, request={'reply_to': client.oid, 'correlation_id': task_id})
+
+    def result(task_id: str) -> AsyncResult:
+        return AsyncResult(task_id, backend=client, app=app)
+
+    # another OS thread waits first: its hub runs the reader
+    first, second, third = (str(uuid.uuid4()) for _ in range(3))
+    in_thread: Dict[str, Any] = {}
+
+    def thread_body() -> None:
+        try:
+            in_thread['value'] = result(first).get(timeout=20)
+        except Exception as exc:  # reported
+            in_thread['value'] = repr(exc)
+
+    thread = threading.Thread(target=thread_body, daemon=True)
+    thread.start()
+    report['reader_in_thread'] = wait_for(lambda: drainer.waiting == 1 and drainer._reader is not None, 10)
+    # green threads of this thread wait too, while the ticker of this hub keeps running
+    ticks = [0]
+    ticking = [True]
+
+    def ticker() -> None:
+        while ticking[0]:
+            ticks[0] += 1
+            sleep(0.001)
+
+    ticker_thread = spawn(ticker)
+    here = spawn(lambda: result(second).get(timeout=20))
+    sleep(0.3)
+    before = ticks[0]
+    report['ticked_while_waiting'] = wait_for(lambda: ticks[0] >= before + 50, 10)
+    publish(second, 'second')
+    report['main_got'] = outcome(here, 25)
+    publish(first, 'first')
+    thread.join(25)
+    report['thread_got'] = in_thread.get('value')
+    report['thread_ended'] = not thread.is_alive()
+    # the thread (and the hub its reader lived on) is gone: later waits still work
+    publish(third, 'third')
+    try:
+        report['later_got'] = result(third).get(timeout=10)
+    except Exception as exc:  # reported
+        report['later_got'] = repr(exc)
+    report['readers_started'] = drainer.readers_started
+    ticking[0] = False
+    outcome(ticker_thread, 5)
+    worker.close()
+    app.close()
+    return report
+
+
+if __name__ == '__main__':
+    print('REPORT ' + json.dumps(main()), flush=True)

@@ -1,0 +1,101 @@
+"""``backend.close()`` while waits are in progress (SPEC §1): every wait begun before the close ends
+with ``ResultBackendClosed``, close() itself returns, nothing reconnects behind it, and a wait begun
+after it opens the backend again.
+
+Waits run in threads of their own (a blocking ``get()``, an ``aget()`` on a loop of its own) while
+another thread closes; everything is bounded by thread-join timeouts. "No connection is left" is
+checked on the wire: the broker reports no consumer on the reply queue. Run on both state-table
+twins by CI's two passes.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from rpcresults.aio import hub_for
+from rpcresults.backends.asynchronous import ResultBackendClosed
+
+from ..conftest import new_id, request_for
+from ..helpers import Call, bound, wait_until
+
+ITERATIONS = 20
+BOUND = 15.0  # bound on any one thread
+
+
+def consumers_on(raw: Any, queue: str) -> int:
+    channel = raw.channel()
+    try:
+        return channel.queue_declare(queue=queue, passive=True).consumer_count
+    finally:
+        channel.close()
+
+
+def await_in_own_loop(result: Any, timeout: float) -> Any:
+    return asyncio.run(result.aget(timeout=timeout))
+
+
+def test_close_ends_a_pending_await_and_a_pending_get_with_the_error(client, raw):
+    consumer = client.result_consumer
+    drainer = consumer.drainer
+    hub = hub_for(consumer)
+    for iteration in range(ITERATIONS):
+        consumer.start()  # an explicit start after close() opens the backend again
+        assert consumers_on(raw, client.oid) == 1
+        waiting_async = bound(client, new_id())
+        waiting_sync = bound(client, new_id())
+        calls = [Call(lambda: await_in_own_loop(waiting_async, 30), name='aget'),
+                 Call(lambda: waiting_sync.get(timeout=30), name='get')]
+        if iteration % 2:  # either one may be the thread blocked reading the socket
+            calls.reverse()
+        for call in calls:
+            call.start()
+            wait_until(lambda: drainer._leader.locked(), 10, 'a wait to lead the read')
+        wait_until(lambda: hub.pending == 1 and len(drainer._waiting) == 1, 10, 'both waits in progress')
+        closing = Call(client.close, name='close')
+        closing.start()
+        closing.result(BOUND)
+        for call in calls:
+            _, error = call.outcome(BOUND)
+            assert isinstance(error, ResultBackendClosed), f'{call.name}: {error!r}'
+            assert isinstance(error, ConnectionError)
+        wait_until(lambda: hub.thread is None, 10, 'the asyncio reader thread to end')
+        assert hub.pending == 0
+        assert consumer._connection is None
+        wait_until(lambda: consumers_on(raw, client.oid) == 0, 10, 'the broker to see no consumer')
+
+
+@pytest.mark.parametrize('kind', ['get', 'aget'])
+def test_a_wait_begun_after_close_opens_the_backend_again(kind, client, worker, raw):
+    consumer = client.result_consumer
+    consumer.start()
+    client.close()
+    assert consumers_on(raw, client.oid) == 0
+    task_id = new_id()
+    worker.mark_as_done(task_id, 42, request=request_for(client, task_id))
+    result = bound(client, task_id)
+    if kind == 'get':
+        assert result.get(timeout=BOUND) == 42
+    else:
+        call = Call(lambda: await_in_own_loop(result, BOUND), name='aget')
+        call.start()
+        assert call.result(BOUND + 5) == 42
+    assert consumers_on(raw, client.oid) == 1
+
+
+def test_a_reader_stopped_by_close_does_not_reconnect(client, raw):
+    """A read in progress at close() ends; nothing reconnects until a new wait."""
+    consumer = client.result_consumer
+    consumer.start()
+    pending = bound(client, new_id())
+    call = Call(lambda: pending.get(timeout=30), name='get')
+    call.start()
+    wait_until(lambda: consumer.drainer._leader.locked(), 10, 'the get() to lead the read')
+    client.close()
+    _, error = call.outcome(BOUND)
+    assert isinstance(error, ResultBackendClosed)
+    with pytest.raises(ResultBackendClosed):
+        consumer._drain_once(0)  # what a reader does next: no reconnect
+    assert consumer._connection is None
+    wait_until(lambda: consumers_on(raw, client.oid) == 0, 10, 'the broker to see no consumer')
