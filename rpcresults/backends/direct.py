@@ -95,12 +95,7 @@ class DirectResultConsumer(ResultConsumer):
             self.channel = None
             super()._recover(exc)
 
-    def _requeue_after_cancel(self) -> None:
-        replies = self._replies
-        self._queue_cancelled = False
-        if replies is None:
-            return
-        replies.settle()
+    def _consume_again(self, replies: ReplyChannel) -> None:
         replies.consume(DIRECT_REPLY_QUEUE, f'rpcresults-direct-{uuid.uuid4()}')
         self._report_lost('the broker cancelled the direct reply-to consumer')
 

@@ -215,6 +215,10 @@ class ResultConsumer(BaseResultConsumer):
         if replies is None:
             return
         replies.settle()
+        self._consume_again(replies)
+
+    def _consume_again(self, replies: ReplyChannel) -> None:
+        """Consume on the same channel after the broker cancelled us, and report the loss."""
         self.backend.binding(replies.channel).declare()
         replies.consume(self.backend.oid, f'rpcresults-{uuid.uuid4()}')
         self._report_queue_lost('the reply queue was deleted by the broker')
