@@ -12,7 +12,7 @@ import multiprocessing
 import sys
 import time
 import uuid
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Type
 
 from ._cli_util import Progress, broker_problem, print_table
 
@@ -46,13 +46,20 @@ def _run_publishers(broker: str, reply_to: str, task_ids: List[str], workers: in
 
 def _measure(name: str, join: Callable[[Callable[[], None]], List[Any]], counter: Callable[[], int],
              broker: str, reply_to: str, task_ids: List[str], workers: int, timeout: float,
-             progress: bool) -> Tuple[str, int, str, str, str, str]:
+             progress: bool, timeout_errors: Tuple[Type[BaseException], ...] = (TimeoutError,),
+             ) -> Tuple[str, int, str, str, str, str]:
+    """One row; a join that times out gives a row saying so, with the count of what arrived."""
     processes = _run_publishers(broker, reply_to, task_ids, workers)
     bar = Progress(len(task_ids), counter, name, enabled=progress)
     started = time.perf_counter()
     cpu_started = time.process_time()
     try:
         values = join(bar.tick)
+    except timeout_errors:
+        arrived = counter()
+        print(f'{name}: the join did not finish within {timeout} s ({arrived} of {len(task_ids)} '
+              'results arrived)', file=sys.stderr)
+        return (name, arrived, 'TIMED OUT', f'>{timeout}', '-', '-')
     finally:
         bar.close()
         for process in processes:
@@ -86,6 +93,7 @@ def _rpcresults_row(broker: str, count: int, workers: int, timeout: float, progr
 def _celery_row(broker: str, count: int, workers: int, timeout: float, progress: bool) -> Optional[Tuple]:
     try:
         from celery import Celery
+        from celery.exceptions import TimeoutError as CeleryTimeoutError
         from celery.result import ResultSet as CeleryResultSet
     except ImportError:
         return None
@@ -106,7 +114,7 @@ def _celery_row(broker: str, count: int, workers: int, timeout: float, progress:
             return results.join_native(timeout=timeout, on_message=on_message, on_interval=tick)
 
         return _measure("celery rpc://", join, lambda: seen[0], broker, backend.oid, task_ids, workers,
-                        timeout, progress)
+                        timeout, progress, (TimeoutError, CeleryTimeoutError))
     finally:
         app.close()
 

@@ -6,11 +6,21 @@ a real Celery worker runs the task and sends its states here. Either way the
 request carries ``reply_to`` (the backend's reply queue) and ``correlation_id``
 (the new task id), and the call returns an :class:`~rpcresults.AsyncResult`
 bound to that backend.
+
+Requests go through the default exchange (unless ``exchange`` is given), which
+drops what it cannot route, so by default (``declare=True``) the target queue is
+made to exist first: checked passively, and only when missing declared durable,
+not auto-delete, without arguments (a queue a Responder or an operator declared
+with other arguments, x-expires or a quorum queue, is left as it is). Pass
+``declare=False`` for queues that are known to exist, or that this client may not
+declare. Publishing retries a lost connection per ``retry_policy`` (bounded), then
+raises the connection error.
 """
 from __future__ import annotations
 
 import logging
 import os
+import reprlib
 import socket
 import threading
 import uuid
@@ -18,6 +28,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 import kombu
+import kombu.exceptions
 
 from .app import App, app_or_default
 from .result import AsyncResult
@@ -31,10 +42,40 @@ TASK_CONTENT_TYPE = 'application/json'
 
 When = Union[None, float, datetime]
 
+#: Like Celery's ``task_publish_retry_policy``: a bounded retry of a lost broker connection.
+DEFAULT_RETRY_POLICY: Dict[str, Any] = {'max_retries': 3, 'interval_start': 0, 'interval_step': 0.2,
+                                        'interval_max': 0.2}
+#: Longest ``argsrepr``/``kwargsrepr`` header (as Celery's ``saferepr(maxsize=1024)``): headers
+#: must fit in one frame, or the broker closes the connection.
+REPR_MAX = 1024
+#: AMQP reply codes of a passive declare of a missing queue and of a declare with other arguments.
+NOT_FOUND = 404
+PRECONDITION_FAILED = 406
+
+_repr = reprlib.Repr()
+_repr.maxlevel = 6
+_repr.maxstring = _repr.maxother = REPR_MAX
+_repr.maxlist = _repr.maxtuple = _repr.maxdict = _repr.maxset = 256
+
 
 def _origin() -> str:
     """``pid@hostname``, as Celery stamps the sender of a task message."""
     return f'{os.getpid()}@{socket.gethostname()}'
+
+
+def saferepr(value: Any, maxsize: int = REPR_MAX) -> str:
+    """A repr of ``value`` of at most ``maxsize`` characters (huge values are abbreviated first)."""
+    text = _repr.repr(value)
+    return text if len(text) <= maxsize else text[:maxsize - 3] + '...'
+
+
+def _reply_code(exc: BaseException) -> Optional[int]:
+    """The AMQP reply code of a channel error (kombu's virtual transports give it as a string)."""
+    code = getattr(exc, 'reply_code', None) or getattr(exc, 'code', None)
+    try:
+        return int(code)
+    except (TypeError, ValueError):
+        return None
 
 
 def _absolute(now: datetime, value: When) -> Optional[str]:
@@ -56,12 +97,16 @@ class Client:
     publishing is serialized by a lock; every result reads from the same backend.
     """
 
-    def __init__(self, app: Optional[App] = None, backend: Any = None) -> None:
+    def __init__(self, app: Optional[App] = None, backend: Any = None, *,
+                 retry_policy: Optional[Mapping[str, Any]] = None) -> None:
         self.app = app_or_default(app)
         self.backend = backend if backend is not None else self.app.backend
+        self.retry_policy: Dict[str, Any] = dict(DEFAULT_RETRY_POLICY if retry_policy is None
+                                                 else retry_policy)
         self._lock = threading.Lock()
         self._connection: Any = None
         self._producer: Any = None
+        self._declared: set = set()  # queues known to exist (on this connection)
 
     @property
     def oid(self) -> str:
@@ -75,30 +120,80 @@ class Client:
             self._producer = kombu.Producer(self._connection, auto_declare=False)
         return self._producer
 
-    def _publish(self, task_id: str, body: Any, routing_key: str, exchange: str,
+    def _drop_connection(self) -> None:
+        """Forget a publishing connection that failed (its socket is dropped, not closed politely)."""
+        connection, self._connection = self._connection, None
+        self._producer = None
+        self._declared.clear()
+        try:
+            connection.collect()
+        except Exception:
+            logger.debug('error while dropping the publishing connection', exc_info=True)
+
+    def _ensure_queue(self, queue: str) -> None:
+        """Make ``queue`` exist (passively checked; declared without arguments only when missing)."""
+        if queue in self._declared:
+            return
+        connection = self._connection
+        connection.ensure_connection(**self.retry_policy)
+        channel = connection.channel()
+        try:
+            try:
+                channel.queue_declare(queue=queue, passive=True)
+            except connection.channel_errors as exc:
+                if _reply_code(exc) != NOT_FOUND:
+                    raise
+                channel = connection.channel()  # the refusal closed the first one
+                try:
+                    channel.queue_declare(queue=queue, durable=True, auto_delete=False)
+                    logger.info('declared the missing request queue %s', queue)
+                except connection.channel_errors as exc:
+                    if _reply_code(exc) != PRECONDITION_FAILED:  # declared meanwhile, other arguments
+                        raise
+        finally:
+            try:
+                channel.close()
+            except Exception:
+                logger.debug('could not close the declaring channel', exc_info=True)
+        self._declared.add(queue)
+
+    def _publish(self, task_id: str, body: Any, routing_key: str, exchange: str, declare: bool,
                  **options: Any) -> AsyncResult:
         result = AsyncResult(task_id, backend=self.backend, app=self.app)
         self.backend.add_pending_result(result)  # tracked before any reply can arrive
         properties = self.backend.reply_properties(task_id)
         options.update(properties)
-        direct = getattr(self.backend, 'publish_request', None)
-        if direct is not None:  # direct reply-to: must go out on the consumer's own channel
-            direct(body, routing_key=routing_key, exchange=exchange, **options)
-            return result
-        with self._lock:
-            producer = self._get_producer()
-            self.backend.on_task_call(producer, task_id)
-            producer.publish(body, routing_key=routing_key, exchange=exchange, retry=True, **options)
+        try:
+            direct = getattr(self.backend, 'publish_request', None)
+            with self._lock:
+                producer = self._get_producer()
+                try:
+                    if declare and not exchange:
+                        self._ensure_queue(routing_key)
+                    if direct is None:
+                        self.backend.on_task_call(producer, task_id)
+                        producer.publish(body, routing_key=routing_key, exchange=exchange, retry=True,
+                                         retry_policy=self.retry_policy, **options)
+                except (OSError, kombu.exceptions.OperationalError, *self._connection.connection_errors,
+                        *self._connection.channel_errors):
+                    self._drop_connection()  # the next request starts on a new one
+                    raise
+            if direct is not None:  # direct reply-to: must go out on the consumer's own channel
+                direct(body, routing_key=routing_key, exchange=exchange, **options)
+        except BaseException:
+            self.backend.remove_pending_result(result)
+            raise
         return result
 
     def call(self, queue_or_routing_key: str, payload: Any, *, exchange: str = '',
              expiration: Optional[float] = None, headers: Optional[Mapping[str, Any]] = None,
              serializer: Optional[str] = None, task_id: Optional[str] = None,
-             priority: Optional[int] = None) -> AsyncResult:
+             priority: Optional[int] = None, declare: bool = True) -> AsyncResult:
         """Send ``payload`` to a responder; the result arrives on this client's reply queue.
 
         ``expiration`` is the per-message TTL in seconds: a request still queued when it
         passes is dropped by the broker and never answered (the wait then times out).
+        ``declare``: make the queue exist first (see the module docstring).
         """
         task_id = task_id or str(uuid.uuid4())
         options: Dict[str, Any] = {'serializer': serializer or self.app.conf.result_serializer,
@@ -107,7 +202,7 @@ class Client:
             options['expiration'] = expiration  # kombu sends it as a string of milliseconds
         if priority is not None:
             options['priority'] = priority
-        return self._publish(task_id, payload, queue_or_routing_key, exchange, **options)
+        return self._publish(task_id, payload, queue_or_routing_key, exchange, declare, **options)
 
     def send_task(self, name: str, args: Sequence[Any] = (), kwargs: Optional[Mapping[str, Any]] = None,
                   *, queue: str = 'celery', exchange: str = '', task_id: Optional[str] = None,
@@ -116,9 +211,14 @@ class Client:
                   time_limit: Optional[float] = None, soft_time_limit: Optional[float] = None,
                   root_id: Optional[str] = None, parent_id: Optional[str] = None,
                   group_id: Optional[str] = None, ignore_result: bool = False,
-                  shadow: Optional[str] = None, persistent: bool = True) -> AsyncResult:
+                  shadow: Optional[str] = None, persistent: bool = True,
+                  declare: bool = True) -> AsyncResult:
         """Send a Celery task message (protocol v2) that a Celery worker executes; its states
-        (PROGRESS, SUCCESS, FAILURE, ...) come back to this client's reply queue."""
+        (PROGRESS, SUCCESS, FAILURE, ...) come back to this client's reply queue.
+
+        ``declare``: make the queue exist first, as Celery's ``send_task`` does (see the module
+        docstring). A :class:`~rpcresults.Responder` honours ``expires`` and ``ignore_result``
+        but runs ``eta``/``countdown`` requests at once; a Celery worker honours all three."""
         if not isinstance(args, (list, tuple)):
             raise TypeError('task args must be a list or tuple')
         kwargs = dict(kwargs or {})
@@ -139,8 +239,8 @@ class Client:
             'timelimit': [time_limit, soft_time_limit],
             'root_id': root_id or task_id,
             'parent_id': parent_id,
-            'argsrepr': repr(tuple(args)),
-            'kwargsrepr': repr(kwargs),
+            'argsrepr': saferepr(tuple(args)),
+            'kwargsrepr': saferepr(kwargs),
             'origin': _origin(),
             'ignore_result': ignore_result,
             'replaced_task_nesting': 0,
@@ -152,13 +252,14 @@ class Client:
                                    'delivery_mode': 2 if persistent else 1}
         if priority is not None:
             options['priority'] = priority
-        return self._publish(task_id, body, queue, exchange, **options)
+        return self._publish(task_id, body, queue, exchange, declare, **options)
 
     def close(self) -> None:
         """Close the publishing connection (the backend stays open: results may still be read)."""
         with self._lock:
             connection, self._connection = self._connection, None
             self._producer = None
+            self._declared.clear()
         if connection is not None:
             connection.release()
 

@@ -4,8 +4,11 @@ Each request is decoded (its content type must be accepted), handed to the
 handler, and its outcome published to the request's ``reply_to`` as SUCCESS
 (the return value) or FAILURE (the exception and its traceback) through
 :class:`~rpcresults.backends.rpc.RPCBackend`'s worker side, in Celery's reply
-format. The request is acked only after its reply is published, so a responder
-that dies mid-request leaves it to be redelivered.
+format. A return value the result serializer cannot encode is answered with a
+FAILURE (``kombu.exceptions.EncodeError`` naming the type). The request is acked
+only after its reply is published: when publishing fails the request is requeued
+(and runs again), and a responder that dies mid-request leaves it to be
+redelivered. Delivery is therefore at least once.
 
 Requests come in two shapes: a plain :meth:`Client.call` payload, and a Celery
 task message (protocol v2: a ``task`` header, body ``[args, kwargs, embed]``) as
@@ -14,9 +17,20 @@ handler gets the decoded payload; with ``pass_request=True`` it gets
 ``(payload, request)`` where :class:`Request` carries the task name, args and
 kwargs of Celery messages plus headers and properties.
 
+Celery headers honoured: ``expires`` (a request received after it is answered
+REVOKED with ``TaskRevokedError('expired')`` and not run, as a Celery worker
+does) and ``ignore_result`` (the handler runs, no reply is sent). ``eta`` and
+``countdown`` are NOT honoured: the responder runs such requests at once.
+
 A request without ``reply_to`` is logged, counted (``stats()['no_reply_to']``)
 and acked without running the handler. A request whose per-message TTL
 (``expiration``) passed while queued is dropped by the broker and never seen.
+
+:meth:`Responder.run` sends heartbeats on its connection (between requests: a
+handler should not run longer than twice ``broker_heartbeat``) and reconnects
+when the connection is lost, with bounded retries; requests that were not acked
+are redelivered by the broker. Replies go out on a second connection without
+heartbeats (as Celery's producer connections), renewed on every reconnect.
 """
 from __future__ import annotations
 
@@ -26,9 +40,11 @@ import socket
 import threading
 import time
 import traceback as tb
-from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Sequence
+from datetime import datetime, timezone
+from typing import Any, Callable, Deque, Dict, Optional, Sequence, Tuple
 
 import kombu
+import kombu.exceptions
 
 from . import serialization
 from .app import App, app_or_default
@@ -40,6 +56,17 @@ logger = logging.getLogger(__name__)
 
 #: How many handled request ids ``Responder.seen`` keeps.
 SEEN_MAX = 100_000
+#: Connection attempts after a loss before :meth:`Responder.run` gives up (and raises).
+RECONNECT_RETRIES = 100
+#: Pause between reconnection attempts grows by this (seconds) up to ``RECONNECT_INTERVAL_MAX``.
+RECONNECT_INTERVAL_STEP = 0.5
+RECONNECT_INTERVAL_MAX = 5.0
+#: How long :meth:`Responder.close` waits for a :meth:`Responder.run` in another thread to return.
+CLOSE_WAIT = 10.0
+#: Longest read between checks of stop(), limits and heartbeats.
+POLL = 0.2
+#: AMQP reply code of a queue declared again with other arguments.
+PRECONDITION_FAILED = 406
 
 Handler = Callable[..., Any]
 
@@ -48,11 +75,25 @@ class BadRequest(Exception):
     """The request could not be decoded (content type not accepted, or a malformed body)."""
 
 
+def _moment(value: Any) -> Optional[datetime]:
+    """A Celery ``expires``/``eta`` header (ISO 8601; naive means UTC) as an aware datetime, or None."""
+    if not isinstance(value, str) or not value:
+        return None
+    text = value[:-1] + '+00:00' if value.endswith('Z') else value
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        logger.warning('ignoring an unreadable time header %r', value)
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
 class Request:
     """One request as the handler sees it with ``pass_request=True``."""
 
     __slots__ = ('id', 'reply_to', 'correlation_id', 'headers', 'properties', 'delivery_info',
-                 'task', 'args', 'kwargs', 'group', 'parent_id', 'root_id', 'retries')
+                 'task', 'args', 'kwargs', 'group', 'parent_id', 'root_id', 'retries',
+                 'expires', 'eta', 'ignore_result')
 
     def __init__(self, message: Any) -> None:
         properties = dict(message.properties or {})
@@ -65,16 +106,23 @@ class Request:
         self.task: Optional[str] = headers.get('task')  # set for Celery task messages
         self.id: str = (headers.get('id') if self.task else None) or self.correlation_id or ''
         self.args: Sequence[Any] = ()
-        self.kwargs: Mapping[str, Any] = {}
+        self.kwargs: Dict[str, Any] = {}
         self.group = headers.get('group')
         self.parent_id = headers.get('parent_id')
         self.root_id = headers.get('root_id')
         self.retries = headers.get('retries', 0)
+        self.expires: Optional[datetime] = _moment(headers.get('expires'))
+        self.eta: Optional[datetime] = _moment(headers.get('eta'))  # informative only: not honoured
+        self.ignore_result: bool = bool(headers.get('ignore_result'))
 
     @property
     def is_task(self) -> bool:
         """True for a Celery task message (protocol v2)."""
         return self.task is not None
+
+    def expired(self, now: Optional[datetime] = None) -> bool:
+        """True when the request carries an ``expires`` that has passed."""
+        return self.expires is not None and self.expires <= (now or datetime.now(timezone.utc))
 
     def reply_fields(self) -> Dict[str, Any]:
         """What the worker side needs to route and stamp the reply."""
@@ -91,39 +139,123 @@ class Responder:
     ``prefetch`` bounds the requests the broker hands out before they are acked.
     ``accept`` lists the request content types decoded (default: json only).
     ``expires`` (seconds) lets the broker delete the queue once unused that long.
+    ``reconnect_retries`` bounds the connection attempts after a loss (then ``run`` raises).
+
+    The queue is declared durable, not auto-delete, with ``x-expires`` only when
+    ``expires`` is given. If it already exists with other arguments (e.g. declared
+    by a :class:`~rpcresults.Client` first, or a quorum queue), it is consumed as it is.
     """
 
     def __init__(self, app: Optional[App], queue: str, handler: Handler, *, prefetch: int = 64,
                  pass_request: bool = False, accept: Optional[Sequence[str]] = None,
-                 durable: bool = True, expires: Optional[float] = None) -> None:
+                 durable: bool = True, expires: Optional[float] = None,
+                 reconnect_retries: int = RECONNECT_RETRIES) -> None:
         self.app = app_or_default(app)
         self.queue_name = queue
         self.handler = handler
         self.prefetch = prefetch
         self.pass_request = pass_request
         self.accept = serialization.accept_set(accept)
+        self.reconnect_retries = reconnect_retries
         self.queue = kombu.Queue(queue, kombu.Exchange(''), routing_key=queue, durable=durable,
-                                 expires=expires)
-        self.backend = RPCBackend(app=self.app)  # worker side only: publishes the replies
-        self.counters: Dict[str, int] = {'handled': 0, 'succeeded': 0, 'failed': 0,
-                                         'no_reply_to': 0, 'bad_requests': 0}
+                                 auto_delete=False, expires=expires)
+        self._reply_connection: Any = None
+        self.backend = self._new_backend()  # worker side only: publishes the replies
+        self.counters: Dict[str, int] = {'handled': 0, 'succeeded': 0, 'failed': 0, 'expired': 0,
+                                         'no_reply_to': 0, 'bad_requests': 0, 'requeued': 0,
+                                         'reconnects': 0}
         self.seen: Deque[str] = collections.deque(maxlen=SEEN_MAX)  # ids of handled requests, newest last
         self._stop = threading.Event()
+        self._idle = threading.Event()  # clear while run() is running
+        self._idle.set()
+        self._runner: Optional[int] = None
         self._connection: Any = None
         self._consumer: Any = None
         self._ready = threading.Event()
+        self._heartbeat_due = float('inf')
+        self._publish_failures = 0  # in a row: paces the requeueing
+        probe = self.app.connection()
+        self._recoverable: Tuple[type, ...] = (tuple(probe.connection_errors) + tuple(probe.channel_errors)
+                                               + (OSError, kombu.exceptions.OperationalError))
+
+    # -- connections -------------------------------------------------------------------------
+    def _new_backend(self) -> RPCBackend:
+        """A reply publisher on a connection of its own without heartbeats: nothing would send
+        them between replies, and the broker would close it while the responder idles."""
+        connection = self.app.connection(heartbeat=0)
+        if self.app.conf.result_publish_confirm:
+            connection.transport_options['confirm_publish'] = True
+        self._reply_connection = connection
+        return RPCBackend(app=self.app, connection=connection)
+
+    def _close_backend(self, graceful: bool) -> None:
+        backend, connection = self.backend, self._reply_connection
+        try:
+            backend.close()
+        except Exception:
+            logger.debug('error while closing the reply publisher', exc_info=True)
+        _drop(connection, graceful)
+
+    def _declare(self, connection: Any) -> Any:
+        """Declare the queue on a new channel; one that exists with other arguments is used as is."""
+        channel = connection.channel()
+        try:
+            self.queue(channel).declare()
+        except connection.channel_errors as exc:
+            if str(getattr(exc, 'reply_code', None) or getattr(exc, 'code', None)) != str(PRECONDITION_FAILED):
+                raise
+            logger.warning('queue %s exists with other arguments (%s): consuming it as it is',
+                           self.queue_name, exc)
+            channel = connection.channel()  # the refusal closed the first one
+            channel.queue_declare(self.queue_name, passive=True)
+        return channel
+
+    def _connect(self) -> None:
+        connection = self.app.connection()
+        try:
+            connection.connect()
+            channel = self._declare(connection)
+            consumer = kombu.Consumer(channel, queues=[self.queue], on_message=self._on_message,
+                                      prefetch_count=self.prefetch, accept=None, auto_declare=False)
+            consumer.consume()
+        except BaseException:
+            _drop(connection, graceful=False)
+            raise
+        self._connection, self._consumer = connection, consumer
+        heartbeat = connection.heartbeat or 0
+        self._heartbeat_due = time.monotonic() + heartbeat / 4 if heartbeat else float('inf')
+
+    def _recover(self, exc: BaseException) -> None:
+        """Drop both broken connections, then reconnect (bounded, with backoff) and consume again."""
+        self.counters['reconnects'] += 1
+        logger.warning('responder on %s lost its broker connection (%r): reconnecting', self.queue_name, exc)
+        self._consumer = None
+        connection, self._connection = self._connection, None
+        _drop(connection, graceful=False)
+        self._close_backend(graceful=False)
+        self.backend = self._new_backend()
+        delay = 0.0
+        for attempt in range(1, self.reconnect_retries + 1):
+            if self._stop.is_set():
+                return
+            try:
+                self._connect()
+            except self._recoverable as error:
+                logger.warning('responder on %s: reconnection attempt %d/%d failed: %r',
+                               self.queue_name, attempt, self.reconnect_retries, error)
+                if attempt == self.reconnect_retries:
+                    raise
+                self._stop.wait(delay)
+                delay = min(delay + RECONNECT_INTERVAL_STEP, RECONNECT_INTERVAL_MAX)
+            else:
+                logger.info('responder on %s reconnected (attempt %d)', self.queue_name, attempt)
+                return
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> 'Responder':
         """Connect, declare the queue and start consuming (idempotent)."""
         if self._consumer is None:
-            connection = self.app.connection()
-            connection.ensure_connection(max_retries=3)
-            channel = connection.channel()
-            consumer = kombu.Consumer(channel, queues=[self.queue], on_message=self._on_message,
-                                      prefetch_count=self.prefetch, accept=None)
-            consumer.consume()
-            self._connection, self._consumer = connection, consumer
+            self._connect()
             self._ready.set()
         return self
 
@@ -133,22 +265,49 @@ class Responder:
 
     def run(self, timeout: Optional[float] = None, limit: Optional[int] = None) -> int:
         """Answer requests until ``limit`` were handled, ``timeout`` seconds passed or :meth:`stop`;
-        returns how many were handled by this call."""
-        self.start()
+        returns how many were handled by this call. A lost connection is re-established."""
+        self._idle.clear()
+        self._runner = threading.get_ident()
+        try:
+            self.start()
+            return self._loop(timeout, limit)
+        finally:
+            self._runner = None
+            self._idle.set()
+
+    def _loop(self, timeout: Optional[float], limit: Optional[int]) -> int:
         deadline = None if timeout is None else time.monotonic() + timeout
         start = self.counters['handled']
         while not self._stop.is_set():
-            done = self.counters['handled'] - start
-            if limit is not None and done >= limit:
+            if limit is not None and self.counters['handled'] - start >= limit:
                 break
-            remaining = 0.2 if deadline is None else min(0.2, deadline - time.monotonic())
+            remaining = POLL if deadline is None else min(POLL, deadline - time.monotonic())
             if remaining <= 0:
                 break
             try:
-                self._connection.drain_events(timeout=remaining)
+                self._drain(remaining)
             except socket.timeout:
                 continue
+            except self._recoverable as exc:
+                if self._stop.is_set():
+                    break
+                self._recover(exc)
         return self.counters['handled'] - start
+
+    def _drain(self, timeout: float) -> None:
+        """One read (sliced to a quarter of the heartbeat), then heartbeats when due."""
+        connection = self._connection
+        if connection is None:
+            raise ConnectionError('the responder has no broker connection')
+        heartbeat = connection.heartbeat or 0
+        if heartbeat:
+            timeout = min(timeout, heartbeat / 4)
+        try:
+            connection.drain_events(timeout=timeout)
+        finally:
+            if heartbeat and time.monotonic() >= self._heartbeat_due and self._connection is connection:
+                self._heartbeat_due = time.monotonic() + heartbeat / 4
+                connection.heartbeat_check()
 
     def run_forever(self) -> None:
         """Answer requests until :meth:`stop` is called (from another thread or a handler)."""
@@ -159,8 +318,12 @@ class Responder:
         self._stop.set()
 
     def close(self) -> None:
-        """Stop consuming and close both connections."""
+        """Stop, wait (bounded) for a :meth:`run` in another thread to return, then stop consuming
+        and close both connections."""
         self.stop()
+        if self._runner not in (None, threading.get_ident()) and not self._idle.wait(CLOSE_WAIT):
+            logger.warning('responder on %s: run() did not return within %s s; closing under it',
+                           self.queue_name, CLOSE_WAIT)
         consumer, self._consumer = self._consumer, None
         connection, self._connection = self._connection, None
         if consumer is not None:
@@ -168,9 +331,8 @@ class Responder:
                 consumer.cancel()
             except Exception:
                 logger.debug('could not cancel the responder consumer', exc_info=True)
-        if connection is not None:
-            connection.release()
-        self.backend.close()
+        _drop(connection, graceful=True)
+        self._close_backend(graceful=True)
 
     def __enter__(self) -> 'Responder':
         return self.start()
@@ -179,42 +341,71 @@ class Responder:
         self.close()
 
     def stats(self) -> Dict[str, int]:
-        """Counters: handled, succeeded, failed, no_reply_to, bad_requests."""
+        """Counters: handled, succeeded, failed, expired, no_reply_to, bad_requests, requeued
+        (replies that could not be published), reconnects."""
         return dict(self.counters)
 
     # -- one request -------------------------------------------------------------------------
     def _on_message(self, message: Any) -> None:
         request = Request(message)
-        try:
-            if not request.reply_to:
-                self.counters['no_reply_to'] += 1
-                logger.warning('request %s on %s has no reply_to: dropped unanswered',
-                               request.id, self.queue_name)
-                return
-            self._answer(request, message)
-        finally:
+        if not request.reply_to and not request.ignore_result:
+            self.counters['no_reply_to'] += 1
+            logger.warning('request %s on %s has no reply_to: dropped unanswered',
+                           request.id, self.queue_name)
             message.ack()
-
-    def _answer(self, request: Request, message: Any) -> None:
-        backend = self.backend
+            return
+        try:
+            outcome = self._answer(request, message)
+        except Exception as exc:  # the reply could not be published: the broker keeps the request
+            self._publish_failures += 1
+            self.counters['requeued'] += 1
+            logger.error('could not publish the reply to request %s on %s (%r): requeued',
+                         request.id, self.queue_name, exc, exc_info=True)
+            self._stop.wait(min(0.1 * self._publish_failures, 2.0))  # no hot loop on a lasting failure
+            message.requeue()
+            return
+        self._publish_failures = 0
         self.counters['handled'] += 1
+        self.counters[outcome] += 1
         self.seen.append(request.id)
+        message.ack()
+
+    def _answer(self, request: Request, message: Any) -> str:
+        """Run the request and publish its reply; returns the counter it adds to."""
+        backend = self.backend
+        fields = request.reply_fields()
+        reply = not request.ignore_result
         try:
             payload = self._decode(request, message)
         except BadRequest as exc:
-            self.counters['bad_requests'] += 1
             logger.error('bad request %s on %s: %s', request.id, self.queue_name, exc)
-            backend.mark_as_failure(request.id, exc, traceback=None, request=request.reply_fields())
-            return
+            if reply:
+                backend.mark_as_failure(request.id, exc, traceback=None, request=fields)
+            return 'bad_requests'
+        if request.expired():
+            logger.info('request %s on %s expired at %s: revoked, not run',
+                        request.id, self.queue_name, request.expires)
+            if reply:
+                backend.mark_as_revoked(request.id, 'expired', request=fields)
+            return 'expired'
         try:
             value = self.handler(payload, request) if self.pass_request else self.handler(payload)
         except Exception as exc:  # the caller gets it; the responder goes on
-            self.counters['failed'] += 1
-            backend.mark_as_failure(request.id, exc, traceback=tb.format_exc(),
-                                         request=request.reply_fields())
-            return
-        self.counters['succeeded'] += 1
-        backend.mark_as_done(request.id, value, request=request.reply_fields())
+            if reply:
+                backend.mark_as_failure(request.id, exc, traceback=tb.format_exc(), request=fields)
+            return 'failed'
+        if not reply:
+            return 'succeeded'
+        try:
+            backend.mark_as_done(request.id, value, request=fields)
+        except kombu.exceptions.EncodeError as exc:
+            error = kombu.exceptions.EncodeError(
+                f'the reply to request {request.id} cannot be encoded as {backend.serializer}: '
+                f'the handler returned a value of type {type(value).__qualname__!r} ({exc})')
+            logger.error('%s', error)
+            backend.mark_as_failure(request.id, error, traceback=None, request=fields)
+            return 'failed'
+        return 'succeeded'
 
     def _decode(self, request: Request, message: Any) -> Any:
         content_type = message.content_type
@@ -231,3 +422,15 @@ class Responder:
             request.args, request.kwargs = tuple(payload[0]), payload[1]
         return payload
 
+
+def _drop(connection: Any, graceful: bool) -> None:
+    """Close ``connection`` (``graceful``: with the AMQP handshake) or just drop its socket."""
+    if connection is None:
+        return
+    try:
+        if graceful:
+            connection.release()
+        else:
+            connection.collect()
+    except Exception:
+        logger.debug('error while closing a responder connection', exc_info=True)

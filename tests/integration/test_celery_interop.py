@@ -21,7 +21,7 @@ from rpcresults import Client, Request, Responder, ResultSet  # noqa: E402
 from tests.celery_tasks import (TASK_ADD, TASK_ECHO, TASK_FAIL, TASK_PROGRESS, TaskFailure,  # noqa: E402
                                 make_client)
 from tests.celery_worker import worker_fixture  # noqa: E402
-from tests.helpers import Call  # noqa: E402
+from tests.helpers import Call, wait_until  # noqa: E402
 
 pytestmark = pytest.mark.celery
 
@@ -119,8 +119,10 @@ def test_celery_client_gets_values_and_failures_from_our_responder(celery_client
         failed.get(timeout=30)
     assert 'answered by rpcresults' in str(info.value)
     assert failed.state == 'FAILURE'
-    assert responder.stats() == {'handled': 7, 'succeeded': 6, 'failed': 1, 'no_reply_to': 0,
-                                 'bad_requests': 0}
+    expected = {'handled': 7, 'succeeded': 6, 'failed': 1, 'no_reply_to': 0, 'bad_requests': 0,
+                'expired': 0, 'requeued': 0, 'reconnects': 0}
+    # counters move just after each reply is published
+    wait_until(lambda: responder.stats() == expected, timeout=10, what=f'stats {expected}')
 
 
 def test_celery_client_reads_store_result_of_our_worker_side(app, celery_client) -> None:

@@ -1,15 +1,17 @@
 """Client -> Responder -> client over the real broker: values, re-raised exceptions, bulk joins,
-per-request expiration, requests without reply_to and undecodable requests."""
+per-request expiration, requests without reply_to and undecodable requests, unencodable replies,
+huge task args, requests to a queue that does not exist yet, Celery's expires and ignore_result."""
 from __future__ import annotations
 
 import uuid
 from typing import Any, Iterator
 
 import amqp
+import kombu.exceptions
 import pytest
 
 from rpcresults import BadRequest, Client, Request, Responder, ResultSet
-from rpcresults.exceptions import TimeoutError
+from rpcresults.exceptions import TaskRevokedError, TimeoutError
 from tests.helpers import Call, wait_until
 
 
@@ -21,6 +23,12 @@ def handler(payload: Any) -> Any:
     if isinstance(payload, dict) and 'raise' in payload:
         raise HandlerError(payload['raise'])
     return {'echo': payload}
+
+
+def counted(responder: Responder, **expected: int) -> None:
+    """Wait (bounded) for the responder's counters: they move just after the reply is published."""
+    wait_until(lambda: all(responder.stats()[key] == value for key, value in expected.items()),
+               timeout=10, what=f'counters {expected} (have {responder.stats()})')
 
 
 def new_queue() -> str:
@@ -59,7 +67,7 @@ def test_call_returns_the_handlers_value(rpc: Client, running: Running) -> None:
     result = rpc.call(running.responder.queue_name, [1, 'two', {'3': 4.5}])
     assert result.get(timeout=10) == {'echo': [1, 'two', {'3': 4.5}]}
     assert result.backend is rpc.backend
-    assert running.responder.stats()['succeeded'] == 1
+    counted(running.responder, succeeded=1)
 
 
 def test_handler_exception_is_raised_by_get_with_its_type(rpc: Client, running: Running) -> None:
@@ -76,7 +84,7 @@ def test_handler_exception_is_raised_by_get_with_its_type(rpc: Client, running: 
 def test_thousand_calls_joined_natively(rpc: Client, running: Running) -> None:
     results = ResultSet([rpc.call(running.responder.queue_name, index) for index in range(1000)])
     assert results.join_native(timeout=60) == [{'echo': index} for index in range(1000)]
-    assert running.responder.stats()['handled'] == 1000
+    counted(running.responder, handled=1000)
 
 
 def test_request_carries_reply_to_and_correlation_id(app, rpc: Client) -> None:
@@ -116,7 +124,7 @@ def test_expired_request_is_never_handled(app, rpc: Client, raw: amqp.Connection
         with pytest.raises(TimeoutError):
             doomed.get(timeout=1.0)
         assert doomed.id not in served.responder.seen
-        assert served.responder.stats()['handled'] == 1
+        counted(served.responder, handled=1)
     finally:
         served.close()
         channel.close()
@@ -154,5 +162,102 @@ def test_undecodable_request_fails_the_caller_clearly(rpc: Client, running: Runn
         result.get(timeout=10)
     assert 'cannot decode request' in str(info.value)
     assert content_type in str(info.value)
-    assert running.responder.stats()['bad_requests'] == 1
+    counted(running.responder, bad_requests=1)
     channel.close()
+
+
+def test_unencodable_return_value_fails_the_caller_and_the_responder_goes_on(
+        app, rpc: Client, raw: amqp.Connection) -> None:
+    def unencodable(payload: Any) -> Any:
+        return object() if payload == 'bad' else payload
+
+    served = Running(app, new_queue(), unencodable)
+    try:
+        bad = rpc.call(served.responder.queue_name, 'bad')
+        good = rpc.call(served.responder.queue_name, 'good')
+        with pytest.raises(kombu.exceptions.EncodeError) as info:
+            bad.get(timeout=10)
+        assert "'object'" in str(info.value)
+        assert bad.state == 'FAILURE'
+        assert good.get(timeout=10) == 'good'
+        assert served.thread.is_alive()  # run() did not end
+        counted(served.responder, succeeded=1, failed=1, requeued=0)
+        channel = raw.channel()
+        assert channel.queue_declare(served.responder.queue_name, passive=True).message_count == 0
+        channel.close()
+    finally:
+        served.close()
+
+
+def test_huge_task_argument_arrives_with_a_bounded_argsrepr(app, rpc: Client) -> None:
+    def with_request(payload: Any, request: Request) -> Any:
+        return [len(request.args[0]), len(request.headers['argsrepr']), len(request.headers['kwargsrepr'])]
+
+    served = Running(app, new_queue(), with_request, pass_request=True)
+    try:
+        huge = 'x' * 300_000  # repr far beyond frame_max (128 kB)
+        result = rpc.send_task('tasks.huge', [huge], {'k': huge}, queue=served.responder.queue_name)
+        arg_len, argsrepr_len, kwargsrepr_len = result.get(timeout=20)
+        assert arg_len == len(huge)
+        assert 0 < argsrepr_len <= 1024 and 0 < kwargsrepr_len <= 1024
+        # the publishing connection survived: the next request goes through
+        small = rpc.send_task('tasks.small', ['y'], queue=served.responder.queue_name)
+        assert small.get(timeout=10) == [1, len("('y',)"), len('{}')]
+    finally:
+        served.close()
+
+
+def test_call_before_the_responder_exists_is_answered_once_it_starts(app, rpc: Client,
+                                                                   raw: amqp.Connection) -> None:
+    queue = new_queue()
+    channel = raw.channel()
+    try:
+        early = rpc.call(queue, 'early')  # declares the missing queue (no arguments)
+        # the responder declares with x-expires: it consumes the existing queue as it is
+        served = Running(app, queue)
+        try:
+            assert early.get(timeout=15) == {'echo': 'early'}
+            assert rpc.call(queue, 'later').get(timeout=10) == {'echo': 'later'}
+        finally:
+            served.close()
+    finally:
+        channel.queue_delete(queue)
+        channel.close()
+
+
+def test_expired_task_is_revoked_not_run(app, rpc: Client) -> None:
+    served = Running(app, new_queue())
+    try:
+        doomed = rpc.send_task('tasks.late', [1], queue=served.responder.queue_name, expires=-5)
+        fresh = rpc.send_task('tasks.fresh', [2], queue=served.responder.queue_name, expires=300)
+        with pytest.raises(TaskRevokedError) as info:
+            doomed.get(timeout=10)
+        assert 'expired' in str(info.value)
+        assert doomed.state == 'REVOKED'
+        assert fresh.get(timeout=10) == {'echo': [[2], {}, fresh_embed()]}
+        counted(served.responder, expired=1, succeeded=1)
+    finally:
+        served.close()
+
+
+def fresh_embed() -> Any:
+    return {'callbacks': None, 'errbacks': None, 'chain': None, 'chord': None}
+
+
+def test_ignore_result_runs_the_handler_and_sends_no_reply(app, rpc: Client) -> None:
+    ran = []
+
+    def record(payload: Any, request: Request) -> Any:
+        ran.append(request.id)
+        return 'done'
+
+    served = Running(app, new_queue(), record, pass_request=True)
+    try:
+        silent = rpc.send_task('tasks.silent', [], queue=served.responder.queue_name, ignore_result=True)
+        loud = rpc.send_task('tasks.loud', [], queue=served.responder.queue_name)
+        assert loud.get(timeout=10) == 'done'
+        # replies arrive in order: had the first one been answered, it would be here by now
+        assert ran == [silent.id, loud.id]
+        assert silent.state == 'PENDING'
+    finally:
+        served.close()
