@@ -4,7 +4,9 @@ The same publishers (rpcresults' worker side, wire-compatible with Celery's)
 feed, in turn, an rpcresults client and — when Celery is installed and
 ``--celery`` is given — a Celery client with ``result_backend='rpc://'``, so the
 two join paths are measured on identical input. CPU per result is the joining
-process's own CPU time (the publishers run in other processes).
+process's own CPU time (the publishers run in other processes). A last row is a
+whole RPC round trip: this process sends N calls with :class:`~rpcresults.Client`
+to ``Responder`` processes and joins the answers (its CPU then includes sending).
 """
 from __future__ import annotations
 
@@ -17,6 +19,9 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple, Type
 from ._cli_util import Progress, broker_problem, print_table
 
 __all__ = ('bench', 'HEADERS')
+
+#: ``x-expires`` of the round trip's request queue: it goes away by itself after the run.
+RESPONDER_QUEUE_EXPIRES = 60
 
 HEADERS = ['client', 'count', 'correct', 'seconds', 'results/s', 'client CPU us/result']
 
@@ -119,6 +124,58 @@ def _celery_row(broker: str, count: int, workers: int, timeout: float, progress:
         app.close()
 
 
+def _respond(broker: str, queue: str) -> None:
+    """One responder process: answer each call with its payload until terminated."""
+    from .app import App
+    from .responder import Responder
+    responder = Responder(App(broker), queue, _echo, prefetch=256, expires=RESPONDER_QUEUE_EXPIRES)
+    responder.run_forever()
+
+
+def _echo(payload: Any) -> Any:
+    return payload
+
+
+def _round_trip_row(broker: str, count: int, workers: int, timeout: float, progress: bool) -> Tuple:
+    from .app import App
+    from .client import Client
+    from .responder import Responder
+    from .result import ResultSet
+    name = 'rpcresults call→Responder'
+    queue = f'rpcresults-bench-{uuid.uuid4().hex[:12]}'
+    app = App(broker, result_reply_queue_expires=60)
+    with app.connection() as connection:  # as the responders declare it, so calls never race them
+        Responder.queue_for(queue, expires=RESPONDER_QUEUE_EXPIRES)(connection.default_channel).declare()
+    context = multiprocessing.get_context('spawn')
+    responders = [context.Process(target=_respond, args=(broker, queue), daemon=True) for _ in range(workers)]
+    for process in responders:
+        process.start()
+    client = Client(app)
+    table = app.backend.result_consumer.table
+    bar = Progress(count, lambda: table.received, name, enabled=progress)
+    try:
+        started = time.perf_counter()
+        cpu_started = time.process_time()
+        results = ResultSet([client.call(queue, index) for index in range(count)], app=app)
+        try:
+            values = results.join_native(timeout=timeout, on_interval=bar.tick)
+        except TimeoutError:
+            print(f'{name}: the join did not finish within {timeout} s ({table.received} of {count} '
+                  'answers arrived)', file=sys.stderr)
+            return (name, table.received, 'TIMED OUT', f'>{timeout}', '-', '-')
+        elapsed = time.perf_counter() - started
+        cpu = time.process_time() - cpu_started
+    finally:
+        bar.close()
+        for process in responders:
+            process.terminate()
+            process.join(timeout=30)
+        app.close()
+    ok = values == list(range(count))
+    return (name, len(values), 'yes' if ok else 'NO', f'{elapsed:.3f}', f'{count / elapsed:.0f}',
+            f'{cpu / count * 1e6:.1f}')
+
+
 def bench(broker: str, count: int, workers: int, timeout: float, celery: bool, progress: bool = True) -> int:
     """Measure the join of ``count`` results published by ``workers`` processes; print a table."""
     problem = broker_problem(broker)
@@ -134,5 +191,6 @@ def bench(broker: str, count: int, workers: int, timeout: float, celery: bool, p
             print('celery is not installed: its row is left out', file=sys.stderr)
         else:
             rows.append(row)
+    rows.append(_round_trip_row(broker, count, workers, timeout, progress))
     print_table(HEADERS, rows)
     return 0 if all(row[2] == 'yes' for row in rows) else 1

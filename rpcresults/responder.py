@@ -146,6 +146,12 @@ class Responder:
     by a :class:`~rpcresults.Client` first, or a quorum queue), it is consumed as it is.
     """
 
+    @staticmethod
+    def queue_for(name: str, durable: bool = True, expires: Optional[float] = None) -> kombu.Queue:
+        """The request queue a responder declares (declare it first to send before any responder runs)."""
+        return kombu.Queue(name, kombu.Exchange(''), routing_key=name, durable=durable,
+                           auto_delete=False, expires=expires)
+
     def __init__(self, app: Optional[App], queue: str, handler: Handler, *, prefetch: int = 64,
                  pass_request: bool = False, accept: Optional[Sequence[str]] = None,
                  durable: bool = True, expires: Optional[float] = None,
@@ -157,8 +163,7 @@ class Responder:
         self.pass_request = pass_request
         self.accept = serialization.accept_set(accept)
         self.reconnect_retries = reconnect_retries
-        self.queue = kombu.Queue(queue, kombu.Exchange(''), routing_key=queue, durable=durable,
-                                 auto_delete=False, expires=expires)
+        self.queue = self.queue_for(queue, durable=durable, expires=expires)
         self._reply_connection: Any = None
         self.backend = self._new_backend()  # worker side only: publishes the replies
         self.counters: Dict[str, int] = {'handled': 0, 'succeeded': 0, 'failed': 0, 'expired': 0,

@@ -58,7 +58,7 @@ def test_bench_prints_a_row_per_client(broker_url: str) -> None:
                '--timeout', '120')
     assert proc.returncode == 0, proc.stderr
     rows = table(proc.stdout)
-    assert [row['client'] for row in rows] == ['rpcresults', 'celery rpc://']
+    assert [row['client'] for row in rows] == ['rpcresults', 'celery rpc://', 'rpcresults call→Responder']
     for row in rows:
         assert row['count'] == '2000'
         assert row['correct'] == 'yes'
