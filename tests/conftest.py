@@ -9,8 +9,9 @@ from urllib.parse import urlparse
 
 import pytest
 
-from rpcresults import App
+from rpcresults import App, Client
 from rpcresults.app import set_default_app
+from tests.proxy import TcpProxy
 
 BROKER_URL = os.environ.get('RPCRESULTS_BROKER_URL', 'amqp://guest:guest@localhost:5672//')
 REDIS_URL = os.environ.get('RPCRESULTS_REDIS_URL', 'redis://127.0.0.1:6379/15')
@@ -83,6 +84,21 @@ def worker(app: App):
     backend = app.create_backend()
     yield backend
     backend.close()
+
+
+@pytest.fixture
+def rpc(app: App) -> Iterator[Client]:
+    """A ``Client`` (request side) on ``app``, closed after the test."""
+    client = Client(app)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def proxy(broker_url: str) -> Iterator[TcpProxy]:
+    """A TcpProxy of the test's own in front of the shared broker (cut it, never the broker)."""
+    with TcpProxy.for_broker(broker_url) as running:
+        yield running
 
 
 def request_for(client, task_id: str) -> dict:

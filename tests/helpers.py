@@ -1,18 +1,22 @@
-"""Helpers shared by the integration tests: a plain py-amqp connection, a bounded wait,
-a thread whose outcome a test collects, and a result bound to a given backend."""
+"""Helpers shared by the integration tests: a plain py-amqp connection and a look at a queue through
+it, a bounded wait, a thread whose outcome a test collects, a result bound to a given backend, a
+waiter known to be attached, apps whose backends are closed after the test, and a forked child
+that reports back through a pipe."""
 from __future__ import annotations
 
+import json
 import os
 import select
 import signal
 import threading
 import time
-from typing import Any, Callable, Optional, Tuple
+import traceback
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 from urllib.parse import unquote, urlparse
 
 import amqp
 
-from rpcresults import AsyncResult
+from rpcresults import App, AsyncResult, states
 
 
 def raw_connection(broker_url: str) -> amqp.Connection:
@@ -25,6 +29,20 @@ def raw_connection(broker_url: str) -> amqp.Connection:
                            virtual_host=vhost or '/')
     conn.connect()
     return conn
+
+
+def queue_counts(conn: amqp.Connection, name: str) -> Optional[Tuple[int, int]]:
+    """``(messages ready, consumers)`` of queue ``name`` by a passive declare; None when it does not exist.
+
+    A passive declare restarts the queue's x-expires timer: do not poll an expiring queue faster than that.
+    """
+    channel = conn.channel()
+    try:
+        ok = channel.queue_declare(queue=name, passive=True)
+    except amqp.exceptions.NotFound:
+        return None  # the broker closed the channel
+    channel.close()
+    return ok.message_count, ok.consumer_count
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = 'condition',
@@ -72,6 +90,50 @@ def bound(backend: Any, task_id: str) -> AsyncResult:
     return AsyncResult(task_id, backend=backend, app=backend.app)
 
 
+def started_listener(seen: threading.Event) -> Callable[[Dict[str, Any]], None]:
+    """An ``on_message`` callback that sets ``seen`` when a STARTED state reaches the waiter."""
+    def on_message(meta: Dict[str, Any]) -> None:
+        if meta.get('status') == states.STARTED:
+            seen.set()
+    return on_message
+
+
+def attach_waiter(client: Any, worker: Any, task_id: str, seen: threading.Event, attempts: int = 100) -> None:
+    """Make sure a ``get()`` on ``task_id`` (with ``started_listener(seen)``) is attached and reading:
+    publish STARTED until it heard one (a waiter only hears states that arrive after it attached)."""
+    for _ in range(attempts):
+        worker.mark_as_started(task_id, request={'reply_to': client.oid, 'correlation_id': task_id})
+        if seen.wait(0.1):
+            return
+    raise AssertionError(f'the waiter for {task_id} never attached')
+
+
+def closing_apps(make: Callable[..., App]) -> Iterator[Callable[..., App]]:
+    """Generator body of a fixture: a factory of apps built by ``make``; every backend they create
+    and then every app is closed after the test."""
+    apps: List[App] = []
+    backends: List[Any] = []
+
+    def factory(*args: Any, **conf: Any) -> App:
+        application = make(*args, **conf)
+        original = application.create_backend
+
+        def create_backend(url: Optional[str] = None) -> Any:
+            backend = original(url)
+            backends.append(backend)
+            return backend
+
+        application.create_backend = create_backend  # type: ignore[method-assign]
+        apps.append(application)
+        return application
+
+    yield factory
+    for backend in backends:
+        backend.close()
+    for application in apps:
+        application.close()
+
+
 def read_until_eof(fd: int, timeout: float) -> bytes:
     """Everything written to pipe ``fd`` until its writer closes it, or what came within ``timeout``."""
     chunks = []
@@ -103,3 +165,35 @@ def reap(pid: int, timeout: float) -> Optional[int]:
     except OSError:
         pass
     return None
+
+
+def report_from_child(child: Callable[[Dict[str, Any]], None], timeout: float = 30.0,
+                      reap_timeout: float = 10.0) -> Tuple[Dict[str, Any], Optional[int]]:
+    """Fork; the child fills a report dict with ``child(report)`` (a traceback under 'error' if it
+    raises), sends it back as JSON through a pipe and ends with ``os._exit``, never returning into
+    pytest. The parent gets ``(report, wait status)``; a hung child is killed and its status is None."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover  (the child)
+        code = 1
+        try:
+            os.close(read_fd)
+            report: Dict[str, Any] = {}
+            try:
+                child(report)
+                code = 0
+            except BaseException:
+                report['error'] = traceback.format_exc()
+            data = json.dumps(report).encode()
+            while data:
+                data = data[os.write(write_fd, data):]
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    try:
+        data = read_until_eof(read_fd, timeout)
+    finally:
+        status = reap(pid, reap_timeout)  # never a blocking wait: a hung child is killed
+        os.close(read_fd)
+    assert data, f'the forked child did not report within {timeout} s (wait status {status})'
+    return json.loads(data), status

@@ -125,6 +125,12 @@ class TcpProxy:
         self._stopped = threading.Event()
         self._lock = threading.Lock()
 
+    @classmethod
+    def for_broker(cls, broker_url: str, **options: Any) -> 'TcpProxy':
+        """A proxy (not started yet: use it as a context manager) in front of ``broker_url``'s broker."""
+        parts = urlsplit(broker_url)
+        return cls(parts.hostname or 'localhost', parts.port or 5672, **options)
+
     # -- public ------------------------------------------------------------------------------
     @property
     def live(self) -> int:

@@ -28,6 +28,7 @@ import atheris
 with atheris.instrument_imports():
     from rpcresults import _frames_py as pure
 from rpcresults import _frames_c as compiled  # noqa: E402  (not instrumentable: compiled code)
+from tests.frame_streams import outcomes  # noqa: E402
 
 TAG = 'rpcresults-0f3c2a9e-5b7d-4e61-8c2a-9d4b1e7f6a30'
 FRAME_MAXES = (0, 8, 64, 4096, 131072)
@@ -109,28 +110,12 @@ def split(data: bytes, sizes: Sequence[int]) -> List[bytes]:
     return pieces or [b'']
 
 
-def run(module: Any, channel: int, frame_max: int, chunks: Sequence[bytes]) -> List[Any]:
-    """Per feed: its output or FrameError message, plus the parser's state; only FrameError is caught."""
-    parser = module.FrameParser(channel, TAG, frame_max)
-    outcomes: List[Any] = []
-    for chunk in chunks:
-        try:
-            result: Any = parser.feed(chunk)
-        except module.FrameError as exc:
-            if type(exc) is not module.FrameError:
-                raise AssertionError(f'{module.__name__} raised a subclass {type(exc)!r}')
-            result = ('FrameError', str(exc))
-        outcomes.append((result, parser.buffered, parser.mid_message, parser.frames_parsed))
-    outcomes.append(parser.take_remainder())
-    return outcomes
-
-
 def test_one_input(data: bytes) -> None:
     """The libFuzzer entry point."""
     channel, frame_max, stream, sizes = build(atheris.FuzzedDataProvider(data))
     chunks = split(stream, sizes)
-    expected = run(pure, channel, frame_max, chunks)
-    got = run(compiled, channel, frame_max, chunks)
+    expected = outcomes(pure, chunks, channel, TAG, frame_max)
+    got = outcomes(compiled, chunks, channel, TAG, frame_max)
     if got != expected:
         raise AssertionError(f'the twins disagree on {stream!r} (chunks {sizes}, channel {channel}, '
                              f'frame_max {frame_max}):\npure     {expected!r}\ncompiled {got!r}')

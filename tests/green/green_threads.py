@@ -6,55 +6,18 @@ real broker, print a JSON report.
 """
 from __future__ import annotations
 
-import sys
+from tests.green import green_lib
 
-LIBRARY = sys.argv[1]
-if LIBRARY == 'gevent':
-    from gevent import monkey
-    monkey.patch_all(thread=False)
-elif LIBRARY == 'eventlet':
-    import eventlet
-    eventlet.monkey_patch(thread=False)
-else:
-    raise SystemExit(f'unknown green library {LIBRARY!r}')
+LIBRARY = green_lib.patch(threads=False)
 
 import json  # noqa: E402
+import sys  # noqa: E402
 import threading  # noqa: E402
-import time  # noqa: E402
 import uuid  # noqa: E402
-from typing import Any, Callable, Dict  # noqa: E402
+from typing import Any, Dict  # noqa: E402
 
 from rpcresults import App, AsyncResult  # noqa: E402
-
-if LIBRARY == 'gevent':
-    import gevent
-
-    spawn = gevent.spawn
-    sleep = gevent.sleep
-
-    def outcome(thread: Any, timeout: float) -> Any:
-        thread.join(timeout)
-        return thread.value if thread.successful() else repr(thread.exception)
-else:
-    spawn = eventlet.spawn
-    sleep = eventlet.sleep
-
-    def outcome(thread: Any, timeout: float) -> Any:
-        with eventlet.Timeout(timeout, False):
-            try:
-                return thread.wait()
-            except Exception as exc:  # reported
-                return repr(exc)
-        return 'still waiting'
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() >= deadline:
-            return False
-        sleep(0.005)
-    return True
+from tests.green.green_lib import Ticker, outcome, spawn, wait_for  # noqa: E402
 
 
 def main() -> Dict[str, Any]:
@@ -85,19 +48,10 @@ def main() -> Dict[str, Any]:
     thread.start()
     report['reader_in_thread'] = wait_for(lambda: drainer.waiting == 1 and drainer._reader is not None, 10)
     # green threads of this thread wait too, while the ticker of this hub keeps running
-    ticks = [0]
-    ticking = [True]
-
-    def ticker() -> None:
-        while ticking[0]:
-            ticks[0] += 1
-            sleep(0.001)
-
-    ticker_thread = spawn(ticker)
+    ticker = Ticker()
     here = spawn(lambda: result(second).get(timeout=20))
-    sleep(0.3)
-    before = ticks[0]
-    report['ticked_while_waiting'] = wait_for(lambda: ticks[0] >= before + 50, 10)
+    green_lib.sleep(0.3)
+    report['ticked_while_waiting'] = ticker.ticked_on(50, 10)
     publish(second, 'second')
     report['main_got'] = outcome(here, 25)
     publish(first, 'first')
@@ -111,8 +65,7 @@ def main() -> Dict[str, Any]:
     except Exception as exc:  # reported
         report['later_got'] = repr(exc)
     report['readers_started'] = drainer.readers_started
-    ticking[0] = False
-    outcome(ticker_thread, 5)
+    ticker.stop()
     worker.close()
     app.close()
     return report

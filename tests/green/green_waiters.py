@@ -5,59 +5,19 @@ eventlet, wait on results from many green threads on the real broker, print a JS
 """
 from __future__ import annotations
 
-import sys
+from tests.green import green_lib
 
-LIBRARY = sys.argv[1]
-if LIBRARY == 'gevent':
-    from gevent import monkey
-    monkey.patch_all()
-elif LIBRARY == 'eventlet':
-    import eventlet
-    eventlet.monkey_patch()
-else:
-    raise SystemExit(f'unknown green library {LIBRARY!r}')
+LIBRARY = green_lib.patch()
 
 import json  # noqa: E402
-import time  # noqa: E402
+import sys  # noqa: E402
 import uuid  # noqa: E402
-from typing import Any, Callable, Dict, List  # noqa: E402
+from typing import Any, Dict, List  # noqa: E402
 
 from rpcresults import App, AsyncResult, _drain  # noqa: E402
 from rpcresults.backends.asynchronous import detect_environment  # noqa: E402
 from rpcresults.exceptions import TimeoutError  # noqa: E402
-
-if LIBRARY == 'gevent':
-    import gevent
-
-    def spawn(fn: Callable[[], Any]) -> Any:
-        return gevent.spawn(fn)
-
-    def join_all(threads: List[Any], timeout: float) -> bool:
-        done = gevent.joinall(threads, timeout=timeout)
-        return len(done) == len(threads)
-
-    sleep = gevent.sleep
-else:
-    def spawn(fn: Callable[[], Any]) -> Any:
-        return eventlet.spawn(fn)
-
-    def join_all(threads: List[Any], timeout: float) -> bool:
-        with eventlet.Timeout(timeout, False):
-            for thread in threads:
-                thread.wait()
-            return True
-        return False
-
-    sleep = eventlet.sleep
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() >= deadline:
-            return False
-        sleep(0.005)
-    return True
+from tests.green.green_lib import Ticker, join_all, spawn, wait_for  # noqa: E402
 
 
 def main() -> Dict[str, Any]:
@@ -82,20 +42,11 @@ def main() -> Dict[str, Any]:
         except Exception as exc:  # reported
             errors.append(repr(exc))
 
-    ticks = [0]
-    ticking = [True]
-
-    def ticker() -> None:
-        while ticking[0]:
-            ticks[0] += 1
-            sleep(0.001)
-
-    ticker_thread = spawn(ticker)
+    ticker = Ticker()
     threads = [spawn(lambda tid=tid: waiter(tid)) for tid in ids]
     report['all_waiting'] = wait_for(lambda: getattr(drainer, 'waiting', 0) == count, 30)
     # the green threads block only themselves: the ticker keeps running while they wait
-    ticks_before = ticks[0]
-    report['ticked_while_waiting'] = wait_for(lambda: ticks[0] >= ticks_before + 50, 30)
+    report['ticked_while_waiting'] = ticker.ticked_on(50, 30)
     for index, task_id in reversed(list(enumerate(ids))):
         worker.mark_as_done(task_id, {'index': index}, request={'reply_to': client.oid, 'correlation_id': task_id})
     report['joined'] = join_all(threads, 60)
@@ -112,8 +63,7 @@ def main() -> Dict[str, Any]:
     report['waiting_after'] = getattr(drainer, 'waiting', None)
     report['reader_ended'] = wait_for(lambda: getattr(drainer, '_reader', None) is None, 10)
     report['readers_started'] = getattr(drainer, 'readers_started', None)
-    ticking[0] = False
-    join_all([ticker_thread], 5)
+    ticker.stop()
     worker.close()
     app.close()
     return report

@@ -17,7 +17,6 @@ import gc
 import threading
 import weakref
 from typing import Any, Awaitable, Callable, Iterator, List, Tuple
-from urllib.parse import urlsplit
 
 import pytest
 
@@ -339,8 +338,7 @@ def test_loops_in_several_threads_each_resolve_on_their_own(app, client, worker)
 @pytest.fixture
 def proxied_client(broker_url: str) -> Iterator[Tuple[Any, TcpProxy]]:
     """A client backend whose broker connection goes through a TcpProxy of this test's own."""
-    parts = urlsplit(broker_url)
-    with TcpProxy(parts.hostname or 'localhost', parts.port or 5672) as proxy:
+    with TcpProxy.for_broker(broker_url) as proxy:
         application: App = make_app(proxy.url_for(broker_url), broker_heartbeat=0)
         try:
             application.backend.result_consumer.start()

@@ -74,6 +74,18 @@ def assert_still_serving(app: Any, client: Any, publish: Callable[..., None], ra
     assert consumers(raw, client.oid) == 1
 
 
+def assert_a_counted_drop(app: Any, client: Any, publish: Callable[..., None], raw: amqp.Connection,
+                          body: bytes, **properties: Any) -> None:
+    """Publish a reply nobody can be found for: dropped and counted, nothing buffered, consumer still serving."""
+    client.result_consumer.start()
+    before = client.stats()
+    publish(client.oid, body, **properties)
+    assert_still_serving(app, client, publish, raw)
+    after = client.stats()
+    assert after['malformed_dropped'] == before['malformed_dropped'] + 1
+    assert after['buffer_size'] == before['buffer_size']
+
+
 # -- the kinds of bad reply -------------------------------------------------------------------------
 def _bad(tid: str) -> Dict[str, Dict[str, Any]]:
     """kind -> how it is published and what the waiter must get."""
@@ -183,13 +195,8 @@ def test_pickle_probe_is_live():
 
 
 def test_missing_correlation_id_and_task_id_is_a_counted_drop(app, client, publish, raw):
-    client.result_consumer.start()
-    before = client.stats()
-    publish(client.oid, json.dumps({'status': 'SUCCESS', 'result': 1, 'traceback': None}).encode(), **JSON)
-    assert_still_serving(app, client, publish, raw)
-    after = client.stats()
-    assert after['malformed_dropped'] == before['malformed_dropped'] + 1
-    assert after['buffer_size'] == before['buffer_size']
+    assert_a_counted_drop(app, client, publish, raw,
+                          json.dumps({'status': 'SUCCESS', 'result': 1, 'traceback': None}).encode(), **JSON)
 
 
 def test_missing_correlation_id_with_body_task_id_is_delivered(app, client, publish, raw):

@@ -17,7 +17,7 @@ import pytest
 from rpcresults import states
 from rpcresults.exceptions import ContentDisallowed, MalformedResult, SecurityError, TimeoutError
 from tests.conftest import new_id
-from tests.integration.test_bad_input import JSON, WAIT, assert_still_serving, failure_body
+from tests.integration.test_bad_input import JSON, WAIT, assert_a_counted_drop, assert_still_serving, failure_body
 
 
 def _cases(tid: str) -> Dict[str, Dict[str, Any]]:
@@ -80,13 +80,7 @@ def test_bad_reply_for_a_tracked_id_gives_a_clear_error(kind, app, client, publi
 ], ids=['empty correlation id, no task id', 'no correlation id, task id not a string',
         'no correlation id, empty task id'])
 def test_reply_without_a_usable_id_is_a_counted_drop(properties, body, app, client, publish, raw):
-    client.result_consumer.start()
-    before = client.stats()
-    publish(client.oid, json.dumps(body).encode(), **properties, **JSON)
-    assert_still_serving(app, client, publish, raw)
-    after = client.stats()
-    assert after['malformed_dropped'] == before['malformed_dropped'] + 1
-    assert after['buffer_size'] == before['buffer_size']
+    assert_a_counted_drop(app, client, publish, raw, json.dumps(body).encode(), **properties, **JSON)
 
 
 def test_many_bad_replies_in_a_row_then_good_ones(app, client, publish, raw):

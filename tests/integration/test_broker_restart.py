@@ -14,16 +14,16 @@ Every wait is bounded; no assertion depends on elapsed time.
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Iterator
 
-import amqp
 import pytest
 
-from rpcresults import App, states
+from rpcresults import App
 from rpcresults.exceptions import TimeoutError
 
-from ..conftest import make_app, new_id, request_for
-from ..helpers import Call, bound, raw_connection, wait_until
+from ..conftest import make_app, new_id
+from ..helpers import (Call, attach_waiter, bound, closing_apps, queue_counts, raw_connection, started_listener,
+                       wait_until)
 from ..rabbit_node import RabbitNode, private_node  # noqa: F401  (module-scoped fixture)
 
 #: Generous: a restart here takes ~6 s; the consumer's reconnecting is bounded by this deadline.
@@ -33,64 +33,19 @@ MAX_RETRIES = 40
 
 
 # -- helpers ---------------------------------------------------------------------------------
-def queue_counts(conn: amqp.Connection, name: str) -> Optional[Tuple[int, int]]:
-    """``(messages ready, consumers)`` of queue ``name`` by a passive declare; None if it is gone."""
-    channel = conn.channel()
-    try:
-        _, messages, consumers = channel.queue_declare(queue=name, passive=True)
-    except amqp.exceptions.NotFound:
-        return None  # the broker closed the channel
-    channel.close()
-    return messages, consumers
-
-
 def publish(worker: Any, oid: str, task_id: str, value: Any) -> None:
     """Publish SUCCESS ``value`` for ``task_id`` to reply queue ``oid``, as a worker does."""
     worker.mark_as_done(task_id, value, request={'reply_to': oid, 'correlation_id': task_id})
 
 
-def attach(client: Any, worker: Any, task_id: str, seen: threading.Event) -> None:
-    """Make sure a ``get()`` on ``task_id`` is attached and reading: publish STARTED until its
-    ``on_message`` saw one (a waiter only hears states that arrive after it attached)."""
-    for _ in range(100):
-        worker.mark_as_started(task_id, request=request_for(client, task_id))
-        if seen.wait(0.1):
-            return
-    raise AssertionError(f'the waiter for {task_id} never attached')
-
-
-def on_started(seen: threading.Event) -> Callable[[Dict[str, Any]], None]:
-    def on_message(meta: Dict[str, Any]) -> None:
-        if meta.get('status') == states.STARTED:
-            seen.set()
-    return on_message
-
-
 @pytest.fixture
 def node_app(private_node: RabbitNode) -> Iterator[Callable[..., App]]:  # noqa: F811
     """Factory of apps on the private node; every backend they made is closed after the test."""
-    apps: List[App] = []
-    backends: List[Any] = []
-
-    def factory(**conf: Any) -> App:
+    def make(**conf: Any) -> App:
         conf.setdefault('broker_connection_max_retries', MAX_RETRIES)
-        application = make_app(private_node.url, **conf)
-        original = application.create_backend
+        return make_app(private_node.url, **conf)
 
-        def create_backend(url: Optional[str] = None) -> Any:
-            backend = original(url)
-            backends.append(backend)
-            return backend
-
-        application.create_backend = create_backend  # type: ignore[method-assign]
-        apps.append(application)
-        return application
-
-    yield factory
-    for backend in backends:
-        backend.close()
-    for application in apps:
-        application.close()
+    yield from closing_apps(make)
 
 
 # -- a waiter across a restart -----------------------------------------------------------------
@@ -101,9 +56,9 @@ def test_get_blocked_across_a_restart_receives_a_result_published_after_it(priva
     task_id = new_id()
     seen = threading.Event()
     result = bound(client, task_id)
-    call = Call(lambda: result.get(timeout=GET_TIMEOUT, on_message=on_started(seen)), name='get-across-restart')
+    call = Call(lambda: result.get(timeout=GET_TIMEOUT, on_message=started_listener(seen)), name='get-across-restart')
     call.start()
-    attach(client, worker, task_id, seen)
+    attach_waiter(client, worker, task_id, seen)
     connection_before = client.result_consumer._connection
 
     private_node.restart()

@@ -23,7 +23,7 @@ from rpcresults.contrib.celery import RPCBackend as DropIn
 from tests.celery_tasks import (TASK_ADD, TASK_ECHO, TASK_FAIL, TASK_PROGRESS, TaskFailure,
                                 make_client)
 from tests.celery_worker import CeleryWorker, delete_queue, worker_fixture
-from tests.helpers import raw_connection, read_until_eof, reap, wait_until
+from tests.helpers import raw_connection, report_from_child, wait_until
 from tests.twins import NO_EXTENSIONS_VAR, load_twin
 
 pytestmark = pytest.mark.celery
@@ -212,26 +212,15 @@ def test_a_forked_child_gets_its_own_reply_queue(celery_client: Celery) -> None:
     backend = celery_client.backend
     backend.result_consumer.start()
     parent_oid = backend.oid
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: report what its backend looks like, never return into pytest
-        code = 1
-        try:
-            os.close(read_fd)
-            child = celery_client.backend
-            report = {'oid': child.oid, 'connection_cleared': child.result_consumer._connection is None}
-            os.write(write_fd, json.dumps(report).encode())
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(write_fd)
-    try:
-        data = read_until_eof(read_fd, 30)
-    finally:
-        os.close(read_fd)
-        status = reap(pid, 30)
-    assert status == 0, f'child failed: {data!r}'
-    report = json.loads(data)
+
+    def child(report: Dict[str, Any]) -> None:
+        child_backend = celery_client.backend
+        report['oid'] = child_backend.oid
+        report['connection_cleared'] = child_backend.result_consumer._connection is None
+
+    report, status = report_from_child(child, timeout=30, reap_timeout=30)
+    assert 'error' not in report, report['error']
+    assert status == 0, f'child failed: {report!r}'
     assert report['oid'] != parent_oid
     assert report['connection_cleared']
     assert backend.oid == parent_oid  # the parent keeps its own

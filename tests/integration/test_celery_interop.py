@@ -21,18 +21,12 @@ from rpcresults import Client, Request, Responder, ResultSet  # noqa: E402
 from tests.celery_tasks import (TASK_ADD, TASK_ECHO, TASK_FAIL, TASK_PROGRESS, TaskFailure,  # noqa: E402
                                 make_client)
 from tests.celery_worker import worker_fixture  # noqa: E402
-from tests.helpers import Call, wait_until  # noqa: E402
+from tests.helpers import wait_until  # noqa: E402
+from tests.responders import ServedResponder  # noqa: E402
 
 pytestmark = pytest.mark.celery
 
 solo = worker_fixture(backend='rpc://')
-
-
-@pytest.fixture
-def rpc(app) -> Iterator[Client]:
-    client = Client(app)
-    yield client
-    client.close()
 
 
 @pytest.fixture
@@ -97,15 +91,11 @@ def celery_style(payload: Any, request: Request) -> Any:
 def responder(app) -> Iterator[Responder]:
     queue = f'rpcresults-test-interop-{uuid.uuid4().hex[:12]}'
     # no x-expires: Celery declares the queue too, with plain arguments
-    served = Responder(app, queue, celery_style, pass_request=True).start()
-    thread = Call(lambda: served.run(timeout=120), name='responder')
-    thread.start()
-    yield served
-    served.stop()
-    thread.outcome(15)
+    served = ServedResponder(app, queue, celery_style, expires=None, pass_request=True)
+    yield served.responder
     served.close()
     with app.connection() as connection:
-        served.queue(connection.default_channel).delete()
+        served.responder.queue(connection.default_channel).delete()
 
 
 def test_celery_client_gets_values_and_failures_from_our_responder(celery_client, responder) -> None:

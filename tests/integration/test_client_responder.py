@@ -12,7 +12,8 @@ import pytest
 
 from rpcresults import BadRequest, Client, Request, Responder, ResultSet
 from rpcresults.exceptions import TaskRevokedError, TimeoutError
-from tests.helpers import Call, wait_until
+from tests.helpers import wait_until
+from tests.responders import ServedResponder
 
 
 class HandlerError(KeyError):
@@ -35,42 +36,21 @@ def new_queue() -> str:
     return f'rpcresults-test-responder-{uuid.uuid4().hex[:12]}'
 
 
-class Running:
-    """A responder answering in a thread until the test ends."""
-
-    def __init__(self, app: Any, queue: str, fn: Any = handler, **options: Any) -> None:
-        self.responder = Responder(app, queue, fn, expires=60, **options).start()
-        self.thread = Call(lambda: self.responder.run(timeout=120), name='responder')
-        self.thread.start()
-
-    def close(self) -> None:
-        self.responder.stop()
-        self.thread.outcome(15)
-        self.responder.close()
-
-
 @pytest.fixture
-def rpc(app) -> Iterator[Client]:
-    client = Client(app)
-    yield client
-    client.close()
-
-
-@pytest.fixture
-def running(app) -> Iterator[Running]:
-    served = Running(app, new_queue())
+def running(app) -> Iterator[ServedResponder]:
+    served = ServedResponder(app, new_queue(), handler)
     yield served
     served.close()
 
 
-def test_call_returns_the_handlers_value(rpc: Client, running: Running) -> None:
+def test_call_returns_the_handlers_value(rpc: Client, running: ServedResponder) -> None:
     result = rpc.call(running.responder.queue_name, [1, 'two', {'3': 4.5}])
     assert result.get(timeout=10) == {'echo': [1, 'two', {'3': 4.5}]}
     assert result.backend is rpc.backend
     counted(running.responder, succeeded=1)
 
 
-def test_handler_exception_is_raised_by_get_with_its_type(rpc: Client, running: Running) -> None:
+def test_handler_exception_is_raised_by_get_with_its_type(rpc: Client, running: ServedResponder) -> None:
     result = rpc.call(running.responder.queue_name, {'raise': 'no such key'})
     with pytest.raises(HandlerError) as info:
         result.get(timeout=10)
@@ -81,7 +61,7 @@ def test_handler_exception_is_raised_by_get_with_its_type(rpc: Client, running: 
     assert rpc.call(running.responder.queue_name, 7).get(timeout=10) == {'echo': 7}
 
 
-def test_thousand_calls_joined_natively(rpc: Client, running: Running) -> None:
+def test_thousand_calls_joined_natively(rpc: Client, running: ServedResponder) -> None:
     results = ResultSet([rpc.call(running.responder.queue_name, index) for index in range(1000)])
     assert results.join_native(timeout=60) == [{'echo': index} for index in range(1000)]
     counted(running.responder, handled=1000)
@@ -94,7 +74,7 @@ def test_request_carries_reply_to_and_correlation_id(app, rpc: Client) -> None:
         seen.append(request)
         return request.correlation_id
 
-    served = Running(app, new_queue(), with_request, pass_request=True)
+    served = ServedResponder(app, new_queue(), with_request, pass_request=True)
     try:
         task_id = str(uuid.uuid4())
         result = rpc.call(served.responder.queue_name, 'x', task_id=task_id, headers={'h': 'v'})
@@ -118,7 +98,7 @@ def test_expired_request_is_never_handled(app, rpc: Client, raw: amqp.Connection
     # ... and the broker drops it at the head of the queue once its TTL passes
     wait_until(lambda: channel.queue_declare(queue, passive=True).message_count == 0, timeout=15,
                what='the expired request to be dropped')
-    served = Running(app, queue)
+    served = ServedResponder(app, queue, handler)
     try:
         assert rpc.call(queue, 'in time').get(timeout=10) == {'echo': 'in time'}
         with pytest.raises(TimeoutError):
@@ -130,7 +110,7 @@ def test_expired_request_is_never_handled(app, rpc: Client, raw: amqp.Connection
         channel.close()
 
 
-def test_request_without_reply_to_is_counted_and_acked(rpc: Client, running: Running,
+def test_request_without_reply_to_is_counted_and_acked(rpc: Client, running: ServedResponder,
                                                        raw: amqp.Connection) -> None:
     channel = raw.channel()
     channel.basic_publish(amqp.Message('{"a": 1}', content_type='application/json'),
@@ -148,7 +128,7 @@ def test_request_without_reply_to_is_counted_and_acked(rpc: Client, running: Run
     ('application/x-python-serialize', b'\x80\x04K\x01.'),  # pickle: not accepted
     ('application/json', b'{not json'),
 ])
-def test_undecodable_request_fails_the_caller_clearly(rpc: Client, running: Running,
+def test_undecodable_request_fails_the_caller_clearly(rpc: Client, running: ServedResponder,
                                                       raw: amqp.Connection, content_type: str,
                                                       body: bytes) -> None:
     task_id = str(uuid.uuid4())
@@ -171,7 +151,7 @@ def test_unencodable_return_value_fails_the_caller_and_the_responder_goes_on(
     def unencodable(payload: Any) -> Any:
         return object() if payload == 'bad' else payload
 
-    served = Running(app, new_queue(), unencodable)
+    served = ServedResponder(app, new_queue(), unencodable)
     try:
         bad = rpc.call(served.responder.queue_name, 'bad')
         good = rpc.call(served.responder.queue_name, 'good')
@@ -193,7 +173,7 @@ def test_huge_task_argument_arrives_with_a_bounded_argsrepr(app, rpc: Client) ->
     def with_request(payload: Any, request: Request) -> Any:
         return [len(request.args[0]), len(request.headers['argsrepr']), len(request.headers['kwargsrepr'])]
 
-    served = Running(app, new_queue(), with_request, pass_request=True)
+    served = ServedResponder(app, new_queue(), with_request, pass_request=True)
     try:
         huge = 'x' * 300_000  # repr far beyond frame_max (128 kB)
         result = rpc.send_task('tasks.huge', [huge], {'k': huge}, queue=served.responder.queue_name)
@@ -214,7 +194,7 @@ def test_call_before_the_responder_exists_is_answered_once_it_starts(app, rpc: C
     try:
         early = rpc.call(queue, 'early')  # declares the missing queue (no arguments)
         # the responder declares with x-expires: it consumes the existing queue as it is
-        served = Running(app, queue)
+        served = ServedResponder(app, queue, handler)
         try:
             assert early.get(timeout=15) == {'echo': 'early'}
             assert rpc.call(queue, 'later').get(timeout=10) == {'echo': 'later'}
@@ -226,7 +206,7 @@ def test_call_before_the_responder_exists_is_answered_once_it_starts(app, rpc: C
 
 
 def test_expired_task_is_revoked_not_run(app, rpc: Client) -> None:
-    served = Running(app, new_queue())
+    served = ServedResponder(app, new_queue(), handler)
     try:
         doomed = rpc.send_task('tasks.late', [1], queue=served.responder.queue_name, expires=-5)
         fresh = rpc.send_task('tasks.fresh', [2], queue=served.responder.queue_name, expires=300)
@@ -251,7 +231,7 @@ def test_ignore_result_runs_the_handler_and_sends_no_reply(app, rpc: Client) -> 
         ran.append(request.id)
         return 'done'
 
-    served = Running(app, new_queue(), record, pass_request=True)
+    served = ServedResponder(app, new_queue(), record, pass_request=True)
     try:
         silent = rpc.send_task('tasks.silent', [], queue=served.responder.queue_name, ignore_result=True)
         loud = rpc.send_task('tasks.loud', [], queue=served.responder.queue_name)

@@ -5,37 +5,34 @@ from __future__ import annotations
 
 import threading
 import uuid
-from typing import Any, Iterator
-from urllib.parse import urlparse
+from typing import Any, Iterator, Optional
 
 import pytest
 
-from rpcresults import Client, ReplyQueueLost, Responder, ResultSet
+from rpcresults import Client, ReplyQueueLost, ResultSet
 from rpcresults.backends.direct import DIRECT_REPLY_QUEUE, DirectReplyBackend
 from tests.conftest import make_app
-from tests.helpers import Call, wait_until
+from tests.helpers import wait_until
 from tests.proxy import TcpProxy
+from tests.responders import ServedResponder
 
 
 def double(payload: Any) -> Any:
     return payload * 2
 
 
-class Running:
-    """A responder (plain rpc:// app, straight to the broker) answering in a thread."""
+class Running(ServedResponder):
+    """A responder on an app of its own (plain rpc://, straight to the broker), answering in a thread."""
 
     def __init__(self, broker_url: str, fn: Any = double) -> None:
         self.app = make_app(broker_url)
         self.queue = f'rpcresults-test-direct-{uuid.uuid4().hex[:12]}'
-        self.responder = Responder(self.app, self.queue, fn, expires=60).start()
-        self.thread = Call(lambda: self.responder.run(timeout=120), name='responder')
-        self.thread.start()
+        super().__init__(self.app, self.queue, fn)
 
-    def close(self) -> None:
-        self.responder.stop()
-        self.thread.outcome(15)
-        self.responder.close()
+    def close(self) -> Optional[BaseException]:
+        error = super().close()
         self.app.close()
+        return error
 
 
 @pytest.fixture
@@ -86,9 +83,8 @@ def test_replies_in_flight_at_a_disconnect_are_lost_and_waiters_are_told(broker_
         return payload
 
     served = Running(broker_url, slow)
-    target = urlparse(broker_url)
     try:
-        with TcpProxy(target.hostname or '127.0.0.1', target.port or 5672) as proxy:
+        with TcpProxy.for_broker(broker_url) as proxy:
             app = make_app(proxy.url_for(broker_url), result_backend='rpc+direct://')
             client = Client(app)
             try:

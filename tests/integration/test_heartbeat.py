@@ -10,8 +10,7 @@ the test's own. Every wait is bounded; no assertion depends on elapsed time.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional
-from urllib.parse import urlsplit
+from typing import Any, Callable, Dict, Iterator
 
 import pytest
 
@@ -20,7 +19,7 @@ from rpcresults.app import DEFAULTS
 from rpcresults.exceptions import TimeoutError
 
 from ..conftest import make_app, new_id, request_for
-from ..helpers import Call, bound, wait_until
+from ..helpers import Call, bound, closing_apps, wait_until
 from ..proxy import TcpProxy
 from ..rabbit_node import RabbitNode, private_node  # noqa: F401  (module-scoped fixture)
 
@@ -34,27 +33,7 @@ IDLE_INTERVALS = 3.5
 @pytest.fixture
 def apps() -> Iterator[Callable[..., App]]:
     """Factory of apps (``url``, settings); their backends are closed after the test."""
-    made: List[App] = []
-    backends: List[Any] = []
-
-    def factory(url: str, **conf: Any) -> App:
-        application = make_app(url, **conf)
-        original = application.create_backend
-
-        def create_backend(backend_url: Optional[str] = None) -> Any:
-            backend = original(backend_url)
-            backends.append(backend)
-            return backend
-
-        application.create_backend = create_backend  # type: ignore[method-assign]
-        made.append(application)
-        return application
-
-    yield factory
-    for backend in backends:
-        backend.close()
-    for application in made:
-        application.close()
+    yield from closing_apps(make_app)
 
 
 def reply_connection(client: Any) -> Any:
@@ -139,13 +118,6 @@ def test_blocked_waiter_idle_for_several_intervals_keeps_its_connection(broker_u
     assert client.stats()['reconnects'] == 0
     assert client.result_consumer._connection is connection_before
     assert conn.sock is not None and conn.sock.getsockname()[1] == local_port
-
-
-@pytest.fixture
-def proxy(broker_url: str) -> Iterator[TcpProxy]:
-    parts = urlsplit(broker_url)
-    with TcpProxy(parts.hostname or 'localhost', parts.port or 5672) as p:
-        yield p
 
 
 @pytest.fixture

@@ -21,8 +21,7 @@ import os
 from collections import Counter
 from datetime import datetime, timezone
 from struct import pack
-from typing import Any, Dict, Iterator, List
-from urllib.parse import urlsplit
+from typing import Any, Dict, Iterator, List, Tuple
 
 import amqp
 import pytest
@@ -68,8 +67,8 @@ def body(tid: str, value: Any) -> bytes:
 
 @pytest.fixture
 def proxy(broker_url: str) -> Iterator[TcpProxy]:
-    parts = urlsplit(broker_url)
-    with TcpProxy(parts.hostname or 'localhost', parts.port or 5672, track_frames=True) as running:
+    """Overrides conftest's: this one follows frame boundaries, for ``inject``."""
+    with TcpProxy.for_broker(broker_url, track_frames=True) as running:
         yield running
 
 
@@ -144,6 +143,10 @@ class Scenario:
         assert values == [self.values[tid] for tid in ids]
         return seen
 
+    def collect_each_once(self, ids: List[str]) -> None:
+        """Join ``ids`` natively: every value right, each reaching its waiter exactly once."""
+        assert self.collect(ids) == Counter({tid: 1 for tid in ids})
+
 
 def test_the_pass_runs_the_twin_it_should() -> None:
     """The file runs once per pass; make sure each pass really exercises the twin it claims to."""
@@ -163,12 +166,11 @@ def test_garbage_frame_makes_the_consumer_reconnect_and_lose_nothing(kind, proxi
     before = dict(client.stats())
 
     batches = scenario.run_until_garbage(make_garbage(replies.channel.channel_id))
-    seen = scenario.collect(batches['B'] + batches['C'])
+    scenario.collect_each_once(batches['B'] + batches['C'])
 
     stats = client.stats()
     assert stats['reconnects'] >= 1
     assert stats.get('queues_lost', 0) == 0
-    assert seen == Counter({tid: 1 for tid in batches['B'] + batches['C']})  # each once to its waiter
     # every reply read is a first arrival of A, B or C, or a counted repeat of an unacked B one
     repeats = stats['duplicates'] - before['duplicates']
     assert stats['received'] - before['received'] - repeats == 3 * BATCH
@@ -191,30 +193,29 @@ def slow_path(monkeypatch):
     monkeypatch.setenv('RPCRESULTS_NO_FAST_READ', '1')
 
 
+def slow_path_run(proxied: Any, proxy: TcpProxy, raw: amqp.Connection,
+                  garbage: bytes) -> Tuple[Scenario, Dict[str, List[str]]]:
+    """A Scenario on the slow path (py-amqp reads), run until ``garbage`` is in its stream."""
+    scenario = Scenario(proxied, proxy, raw)
+    scenario.client.result_consumer.start()
+    assert not scenario.client.result_consumer._replies.fast
+    return scenario, scenario.run_until_garbage(garbage)
+
+
 def test_slow_path_takes_a_whole_oversized_frame_in_its_stride(slow_path, proxied, proxy, raw):
     """py-amqp reads a well-formed frame whatever its size (it does not check frame_max on
     input): the 200 KB heartbeat is read and ignored, the connection stays, nothing is lost."""
-    scenario = Scenario(proxied, proxy, raw)
-    client = scenario.client
-    client.result_consumer.start()
-    assert not client.result_consumer._replies.fast
-    batches = scenario.run_until_garbage(oversized_heartbeat(1))
-    seen = scenario.collect(batches['B'] + batches['C'])
-    assert seen == Counter({tid: 1 for tid in batches['B'] + batches['C']})
-    assert client.stats()['reconnects'] == 0
+    scenario, batches = slow_path_run(proxied, proxy, raw, oversized_heartbeat(1))
+    scenario.collect_each_once(batches['B'] + batches['C'])
+    assert scenario.client.stats()['reconnects'] == 0
 
 
 def test_slow_path_bad_frame_end_reconnects_and_loses_nothing(slow_path, proxied, proxy, raw):
     """py-amqp raises UnexpectedFrame (a connection error) on a bad frame-end octet: the consumer
     reconnects and B (unacked) is redelivered."""
-    scenario = Scenario(proxied, proxy, raw)
-    client = scenario.client
-    client.result_consumer.start()
-    assert not client.result_consumer._replies.fast
-    batches = scenario.run_until_garbage(bad_frame_end(1))
-    seen = scenario.collect(batches['B'] + batches['C'])
-    assert seen == Counter({tid: 1 for tid in batches['B'] + batches['C']})
-    assert client.stats()['reconnects'] >= 1
+    scenario, batches = slow_path_run(proxied, proxy, raw, bad_frame_end(1))
+    scenario.collect_each_once(batches['B'] + batches['C'])
+    assert scenario.client.stats()['reconnects'] >= 1
 
 
 def test_slow_path_truncated_oversized_header_is_bounded(slow_path, proxied, proxy, raw):
@@ -223,11 +224,7 @@ def test_slow_path_truncated_oversized_header_is_bounded(slow_path, proxied, pro
     timeout returns (TimeoutError) within its timeout, and once the connection drops (cut here)
     the unacked replies come back, each once. (py-amqp, polled on a non-blocking socket, used to
     spin inside the partial frame until the connection dropped; the cut below would release it.)"""
-    scenario = Scenario(proxied, proxy, raw)
-    client = scenario.client
-    client.result_consumer.start()
-    assert not client.result_consumer._replies.fast
-    batches = scenario.run_until_garbage(oversized_header(1))
+    scenario, batches = slow_path_run(proxied, proxy, raw, oversized_header(1))
     waiter = Call(lambda: scenario.get(batches['C'][:1], timeout=2.0), name='waiter')
     waiter.start()
     waiter.join(30.0)  # a bound for a hang, far beyond the get's own timeout
@@ -235,6 +232,6 @@ def test_slow_path_truncated_oversized_header_is_bounded(slow_path, proxied, pro
     proxy.cut()  # releases a stuck waiter (py-amqp reads EOF) and makes the broker redeliver
     _, error = waiter.outcome(WAIT)
     scenario.collect(batches['B'] + batches['C'])  # every value, right (the waiter may have read them)
-    assert client.stats()['reconnects'] >= 1
+    assert scenario.client.stats()['reconnects'] >= 1
     assert not stuck, 'get(timeout=2.0) was still waiting after 30 s'
     assert isinstance(error, TimeoutError), repr(error)

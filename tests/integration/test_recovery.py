@@ -17,67 +17,19 @@ import select
 import threading
 import time
 import traceback
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
-from urllib.parse import unquote, urlsplit
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
-import amqp
 import pytest
 
 from rpcresults import App, AsyncResult, ResultSet, states
 from rpcresults.exceptions import ReplyQueueLost, TimeoutError
 
-from ..conftest import make_app, new_id, request_for
+from ..conftest import make_app, new_id
 from ..proxy import TcpProxy
-from tests.helpers import Call, bound, reap, wait_until
+from tests.helpers import Call, attach_waiter, bound, queue_counts, reap, started_listener, wait_until
 
 
 # -- helpers ---------------------------------------------------------------------------------
-def broker_address(url: str) -> Tuple[str, int]:
-    parts = urlsplit(url)
-    return parts.hostname or 'localhost', parts.port or 5672
-
-
-
-class RawBroker:
-    """A plain py-amqp connection for looking at (and deleting) the tests' own queues."""
-
-    def __init__(self, url: str) -> None:
-        parts = urlsplit(url)
-        host, port = broker_address(url)
-        vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else '/'
-        self.connection = amqp.Connection(f'{host}:{port}', userid=unquote(parts.username or 'guest'),
-                                          password=unquote(parts.password or 'guest'),
-                                          virtual_host=vhost or '/', connect_timeout=5)
-        self.connection.connect()
-
-    def queue_info(self, name: str) -> Optional[Tuple[int, int]]:
-        """``(messages, consumers)`` of queue ``name``, or None when it does not exist.
-
-        A passive declare restarts the queue's x-expires timer, so do not poll an
-        expiring queue faster than its expiry.
-        """
-        channel = self.connection.channel()
-        try:
-            _, messages, consumers = channel.queue_declare(queue=name, passive=True)
-        except amqp.exceptions.NotFound:
-            return None  # the broker closed this channel
-        channel.close()
-        return messages, consumers
-
-    def delete_queue(self, name: str) -> None:
-        channel = self.connection.channel()
-        try:
-            channel.queue_delete(name)
-        finally:
-            channel.close()
-
-    def close(self) -> None:
-        try:
-            self.connection.close()
-        except Exception:
-            pass
-
-
 def publish(worker: Any, oid: str, pairs: Any) -> None:
     """Publish SUCCESS ``value`` for each ``(task_id, value)`` to reply queue ``oid``."""
     for task_id, value in pairs:
@@ -92,31 +44,7 @@ def round_trip(client: Any, worker: Any, value: Any = 'ping') -> Any:
     return bound(client, task_id).get(timeout=15)
 
 
-def wait_for_waiter(client: Any, worker: Any, result: AsyncResult, seen: threading.Event,
-                    attempts: int = 100) -> None:
-    """Make sure a get() on ``result`` is attached and reading: publish STARTED until its
-    ``on_message`` fired (a waiter only hears states that arrive after it attached)."""
-    for _ in range(attempts):
-        worker.mark_as_started(result.id, request=request_for(client, result.id))
-        if seen.wait(0.1):
-            return
-    raise AssertionError(f'the waiter for {result.id} never attached')
-
-
-def started_listener(seen: threading.Event) -> Callable[[Dict[str, Any]], None]:
-    def on_message(meta: Dict[str, Any]) -> None:
-        if meta.get('status') == states.STARTED:
-            seen.set()
-    return on_message
-
-
 # -- fixtures --------------------------------------------------------------------------------
-@pytest.fixture
-def proxy(broker_url: str) -> Iterator[TcpProxy]:
-    with TcpProxy(*broker_address(broker_url)) as p:
-        yield p
-
-
 @pytest.fixture
 def proxied_app(proxy: TcpProxy, broker_url: str) -> Iterator[Callable[..., App]]:
     """Factory of apps whose broker URL goes through ``proxy`` (no heartbeats); closed after."""
@@ -131,13 +59,6 @@ def proxied_app(proxy: TcpProxy, broker_url: str) -> Iterator[Callable[..., App]
     yield factory
     for application in apps:
         application.close()
-
-
-@pytest.fixture
-def raw(broker_url: str) -> Iterator[RawBroker]:
-    broker = RawBroker(broker_url)
-    yield broker
-    broker.close()
 
 
 # -- connection cut mid-join -----------------------------------------------------------------
@@ -237,12 +158,12 @@ def test_get_waiting_across_a_cut_receives_result_published_after_it(publish_whe
     seen = threading.Event()
     call = Call(lambda: result.get(timeout=30, on_message=started_listener(seen)), name='get-thread')
     call.start()
-    wait_for_waiter(client, worker, result, seen)
+    attach_waiter(client, worker, result.id, seen)
 
     assert proxy.cut() == 1
     if publish_when == 'after_reconsume':
         wait_until(lambda: client.stats()['reconnects'] >= 1, 20, 'the client to notice the cut')
-        wait_until(lambda: proxy.accepted >= 2 and (raw.queue_info(client.oid) or (0, 0))[1] == 1,
+        wait_until(lambda: proxy.accepted >= 2 and (queue_counts(raw, client.oid) or (0, 0))[1] == 1,
                    20, 'the client to consume its reply queue again', interval=0.02)
     publish(worker, client.oid, [(result.id, 'after-the-cut')])
 
@@ -259,10 +180,10 @@ def test_results_published_while_disconnected_are_not_lost(proxy, proxied_app, w
 
     assert proxy.cut() == 1
     # the broker has dropped our consumer: nobody reads the reply queue now
-    wait_until(lambda: raw.queue_info(client.oid) == (0, 0), 20, 'the consumer to be gone', interval=0.02)
+    wait_until(lambda: queue_counts(raw, client.oid) == (0, 0), 20, 'the consumer to be gone', interval=0.02)
     ids = [new_id() for _ in range(100)]
     publish(worker, client.oid, ((task_id, n) for n, task_id in enumerate(ids)))
-    wait_until(lambda: raw.queue_info(client.oid) == (100, 0), 20, '100 results waiting in the queue',
+    wait_until(lambda: queue_counts(raw, client.oid) == (100, 0), 20, '100 results waiting in the queue',
                interval=0.02)
 
     received_before = client.stats()['received']
@@ -271,7 +192,7 @@ def test_results_published_while_disconnected_are_not_lost(proxy, proxied_app, w
     stats = client.stats()
     assert stats['reconnects'] >= 1
     assert stats['received'] - received_before >= 100
-    assert raw.queue_info(client.oid) == (0, 1)  # all acked, consumed again
+    assert queue_counts(raw, client.oid) == (0, 1)  # all acked, consumed again
 
 
 # -- reply queue deleted while results are pending ------------------------------------------------
@@ -284,10 +205,12 @@ def test_reply_queue_deleted_while_pending_raises_reply_queue_lost(client, worke
     seen = threading.Event()
     call = Call(lambda: waited.get(timeout=20, on_message=started_listener(seen)), name='get-thread')
     call.start()
-    wait_for_waiter(client, worker, waited, seen)
-    assert raw.queue_info(client.oid) is not None
+    attach_waiter(client, worker, waited.id, seen)
+    assert queue_counts(raw, client.oid) is not None
 
-    raw.delete_queue(client.oid)
+    channel = raw.channel()
+    channel.queue_delete(client.oid)
+    channel.close()
 
     _, error = call.outcome(timeout=25)
     assert not isinstance(error, TimeoutError), 'the get timed out instead of reporting the lost queue'
@@ -301,7 +224,7 @@ def test_reply_queue_deleted_while_pending_raises_reply_queue_lost(client, worke
     assert lost.value.task_ids == (results[1].id,)
 
     # the queue is back and consumed; results published to it now arrive (waiting again is allowed)
-    info = wait_until(lambda: raw.queue_info(client.oid), 10, 'the reply queue to be re-declared')
+    info = wait_until(lambda: queue_counts(raw, client.oid), 10, 'the reply queue to be re-declared')
     assert info[1] == 1
     publish(worker, client.oid, [(results[1].id, 'second'), (waited.id, 'again')])
     assert results[1].get(timeout=15) == 'second'
@@ -318,7 +241,7 @@ def test_reply_queue_expired_while_disconnected_raises_reply_queue_lost(proxy, p
     seen = threading.Event()
     call = Call(lambda: result.get(timeout=30, on_message=started_listener(seen)), name='get-thread')
     call.start()
-    wait_for_waiter(client, worker, result, seen)
+    attach_waiter(client, worker, result.id, seen)
 
     proxy.pause()  # keep the client out ...
     assert proxy.cut() == 1
@@ -326,7 +249,7 @@ def test_reply_queue_expired_while_disconnected_raises_reply_queue_lost(proxy, p
     gone = False
     for _ in range(10):
         time.sleep(1.5)
-        if raw.queue_info(client.oid) is None:
+        if queue_counts(raw, client.oid) is None:
             gone = True
             break
     assert gone, 'the reply queue did not expire'
@@ -342,7 +265,7 @@ def test_reply_queue_expired_while_disconnected_raises_reply_queue_lost(proxy, p
     assert stats['reconnects'] >= 1
 
     # the re-declared queue works
-    assert raw.queue_info(client.oid) is not None
+    assert queue_counts(raw, client.oid) is not None
     publish(worker, client.oid, [(other.id, 'later')])
     assert other.get(timeout=15) == 'later'
 

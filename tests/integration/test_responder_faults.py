@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Iterator, List, Tuple
-from urllib.parse import urlparse
+from contextlib import closing
+from typing import Any, List
 
 import amqp
 import kombu.exceptions
@@ -19,47 +19,15 @@ from rpcresults.cli_bench import bench
 from tests.conftest import make_app
 from tests.helpers import Call, wait_until
 from tests.proxy import TcpProxy
+from tests.responders import ServedResponder, serving
 
 
 def new_queue() -> str:
     return f'rpcresults-test-faults-{uuid.uuid4().hex[:12]}'
 
 
-def broker_address(broker_url: str) -> Tuple[str, int]:
-    url = urlparse(broker_url)
-    return url.hostname or 'localhost', url.port or 5672
-
-
 def echo(payload: Any) -> Any:
     return payload
-
-
-class Served:
-    """A responder answering in a thread; ``close`` returns what run() raised (None if nothing)."""
-
-    def __init__(self, app: App, queue: str, fn: Any = echo) -> None:
-        self.responder = Responder(app, queue, fn, expires=60).start()
-        self.thread = Call(lambda: self.responder.run(timeout=120), name='responder')
-        self.thread.start()
-
-    def close(self) -> Any:
-        self.responder.stop()
-        _, error = self.thread.outcome(30)
-        self.responder.close()
-        return error
-
-
-@pytest.fixture
-def proxy(broker_url: str) -> Iterator[TcpProxy]:
-    with TcpProxy(*broker_address(broker_url)) as p:
-        yield p
-
-
-@pytest.fixture
-def rpc(app: App) -> Iterator[Client]:
-    client = Client(app)
-    yield client
-    client.close()
 
 
 def test_reply_the_broker_refuses_leaves_the_request_queued_and_the_responder_running(
@@ -70,68 +38,54 @@ def test_reply_the_broker_refuses_leaves_the_request_queued_and_the_responder_ru
     reply_queue, queue = new_queue(), new_queue()
     full = {'x-max-length': 0, 'x-overflow': 'reject-publish', 'x-expires': 60000}
     channel.queue_declare(reply_queue, durable=True, auto_delete=False, arguments=full)
-    app = make_app(broker_url, result_publish_confirm=True)
-    served = Served(app, queue)
     try:
-        channel.basic_publish(amqp.Message('"ping"', content_type='application/json', reply_to=reply_queue,
-                                           correlation_id='req-1'),
-                              exchange='', routing_key=queue)
-        wait_until(lambda: served.responder.stats()['requeued'] >= 2, timeout=20,
-                   what='the refused reply to be retried')
-        assert served.thread.is_alive()
-        assert served.responder.stats()['handled'] == 0
-        # let the reply queue accept: the requeued request is answered
-        channel.queue_delete(reply_queue)
-        channel.queue_declare(reply_queue, durable=True, auto_delete=False, arguments={'x-expires': 60000})
-        reply = wait_until(lambda: channel.basic_get(reply_queue, no_ack=True), timeout=20,
-                           what='the reply to the requeued request')
-        assert reply.properties['correlation_id'] == 'req-1'
-        assert json.loads(reply.body)['result'] == 'ping'
-        wait_until(lambda: served.responder.stats()['handled'] == 1, timeout=10, what='the request handled')
-        wait_until(lambda: channel.queue_declare(queue, passive=True).message_count == 0, timeout=10,
-                   what='the request to be acked')
+        with closing(make_app(broker_url, result_publish_confirm=True)) as app, \
+                serving(app, queue, echo) as served:
+            channel.basic_publish(amqp.Message('"ping"', content_type='application/json', reply_to=reply_queue,
+                                               correlation_id='req-1'),
+                                  exchange='', routing_key=queue)
+            wait_until(lambda: served.responder.stats()['requeued'] >= 2, timeout=20,
+                       what='the refused reply to be retried')
+            assert served.thread.is_alive()
+            assert served.responder.stats()['handled'] == 0
+            # let the reply queue accept: the requeued request is answered
+            channel.queue_delete(reply_queue)
+            channel.queue_declare(reply_queue, durable=True, auto_delete=False, arguments={'x-expires': 60000})
+            reply = wait_until(lambda: channel.basic_get(reply_queue, no_ack=True), timeout=20,
+                               what='the reply to the requeued request')
+            assert reply.properties['correlation_id'] == 'req-1'
+            assert json.loads(reply.body)['result'] == 'ping'
+            wait_until(lambda: served.responder.stats()['handled'] == 1, timeout=10, what='the request handled')
+            wait_until(lambda: channel.queue_declare(queue, passive=True).message_count == 0, timeout=10,
+                       what='the request to be acked')
     finally:
-        error = served.close()
-        app.close()
         channel.queue_delete(reply_queue)
         channel.close()
-    assert error is None
 
 
 def test_responder_heartbeats_through_a_long_idle(broker_url: str, rpc: Client) -> None:
-    app = make_app(broker_url, broker_heartbeat=1)
-    served = Served(app, new_queue())
-    try:
+    with closing(make_app(broker_url, broker_heartbeat=1)) as app, serving(app, new_queue(), echo) as served:
         assert rpc.call(served.responder.queue_name, 1).get(timeout=10) == 1
         time.sleep(4.5)  # the broker drops a silent connection after 2 heartbeat intervals
         assert served.thread.is_alive()
         assert rpc.call(served.responder.queue_name, 2).get(timeout=10) == 2
         assert served.responder.stats()['reconnects'] == 0  # kept alive, not re-established
-    finally:
-        error = served.close()
-        app.close()
-    assert error is None
 
 
 def test_responder_reconnects_after_its_connection_is_cut(broker_url: str, proxy: TcpProxy,
                                                           rpc: Client) -> None:
-    app = make_app(proxy.url_for(broker_url), broker_heartbeat=0)
-    served = Served(app, new_queue())
-    try:
+    with closing(make_app(proxy.url_for(broker_url), broker_heartbeat=0)) as app, \
+            serving(app, new_queue(), echo) as served:
         assert rpc.call(served.responder.queue_name, 'before').get(timeout=10) == 'before'
         assert proxy.cut() >= 1
         assert rpc.call(served.responder.queue_name, 'after').get(timeout=30) == 'after'
         assert served.responder.stats()['reconnects'] >= 1
         assert served.thread.is_alive()
-    finally:
-        error = served.close()
-        app.close()
-    assert error is None
 
 
 def test_client_publish_gives_up_when_the_broker_is_unreachable(broker_url: str, proxy: TcpProxy,
                                                                 app: App) -> None:
-    served = Served(app, new_queue())
+    served = ServedResponder(app, new_queue(), echo)
     proxied = make_app(proxy.url_for(broker_url), broker_connection_timeout=1, broker_heartbeat=0)
     client = Client(proxied, backend=app.backend)
     call = None

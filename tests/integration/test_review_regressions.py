@@ -14,8 +14,7 @@ import os
 import pickle
 import threading
 import time
-import traceback
-from typing import Any, Dict, Iterator, List, Optional, Set
+from typing import Any, Callable, Dict, Iterator, List, Set
 
 import amqp
 import kombu.exceptions
@@ -26,7 +25,7 @@ from rpcresults.backends import asynchronous
 from rpcresults.exceptions import ContentDisallowed, ReplyQueueLost
 
 from ..conftest import make_app, new_id, request_for
-from ..helpers import Call, bound, raw_connection, read_until_eof, reap, wait_until
+from ..helpers import Call, bound, queue_counts, raw_connection, report_from_child, wait_until
 
 WAIT = 10
 
@@ -37,17 +36,6 @@ def round_trip(client: Any, worker: Any, value: Any = 'ping') -> Any:
     task_id = new_id()
     worker.mark_as_done(task_id, value, request=request_for(client, task_id))
     return bound(client, task_id).get(timeout=WAIT)
-
-
-def queue_ready_count(conn: amqp.Connection, name: str) -> Optional[int]:
-    """Ready messages in queue ``name`` (None when it does not exist)."""
-    channel = conn.channel()
-    try:
-        _, messages, _ = channel.queue_declare(queue=name, passive=True)
-    except amqp.exceptions.NotFound:
-        return None  # the broker closed the channel
-    channel.close()
-    return messages
 
 
 def json_reply(task_id: str, value: Any) -> amqp.Message:
@@ -175,18 +163,16 @@ def test_reply_queue_deleted_tells_pending_ids_without_waiter_once(own_queues, a
     assert lost.value.task_ids == (r2.id,)
 
     # ... once: a result published to the re-declared queue now arrives
-    wait_until(lambda: queue_ready_count(raw, client.oid) is not None, WAIT,
+    wait_until(lambda: queue_counts(raw, client.oid) is not None, WAIT,
                'the reply queue to be re-declared', interval=0.05)
     worker.mark_as_done(r2.id, 'after-the-loss', request=request_for(client, r2.id))
     assert r2.get(timeout=WAIT) == 'after-the-loss'
 
 
 # -- 4. fork: every backend a fresh oid, parent results usable in the child ------------------------
-def _fork_child(app: Any, write_fd: int, backends: List[Any], parent_oids: List[str], result: Any) -> None:
-    """Runs in the forked child: report through the pipe, never return into pytest."""
-    code = 1
-    report: Dict[str, Any] = {}
-    try:
+def _fork_child(app: Any, backends: List[Any], parent_oids: List[str], result: Any) -> Callable[[Dict[str, Any]], None]:
+    """What the forked child checks and fills into its report."""
+    def child(report: Dict[str, Any]) -> None:
         inherited = [backend.oid for backend in backends]
         report['inherited'] = inherited
         report['distinct'] = len(set(inherited)) == len(inherited)
@@ -201,16 +187,7 @@ def _fork_child(app: Any, write_fd: int, backends: List[Any], parent_oids: List[
         report['value'] = result.get(timeout=WAIT)
         child_worker.close()
         result.backend.close()
-        code = 0
-    except BaseException:
-        report['error'] = traceback.format_exc()
-    finally:
-        try:
-            data = json.dumps(report).encode()
-            while data:
-                data = data[os.write(write_fd, data):]
-        finally:
-            os._exit(code)
+    return child
 
 
 @pytest.mark.skipif(not hasattr(os, 'fork'), reason='needs os.fork')
@@ -234,19 +211,7 @@ def test_fork_gives_every_backend_a_fresh_oid_and_parent_results_work(own_queues
     assert result.backend is client
     assert result.state == states.PENDING  # tracked in the parent's table before the fork
 
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover  (the child)
-        os.close(read_fd)
-        _fork_child(app, write_fd, backends, parent_oids, result)
-    os.close(write_fd)
-    try:
-        data = read_until_eof(read_fd, 30)
-    finally:
-        status = reap(pid, 10)
-        os.close(read_fd)
-    assert data, 'the forked child did not report within 30 s'
-    report = json.loads(data)
+    report, status = report_from_child(_fork_child(app, backends, parent_oids, result), timeout=30)
     if report.get('result_oid'):
         own_queues.add(report['result_oid'])
     assert 'error' not in report, report['error']

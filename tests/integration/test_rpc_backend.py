@@ -26,7 +26,7 @@ import pytest
 from rpcresults import AsyncResult, GroupResult, ResultSet, states
 from rpcresults.backends.rpc import RPCBackend, ResultConsumer
 from rpcresults.exceptions import BacklogLimitExceeded, ResultEvicted, TaskRevokedError, TimeoutError
-from tests.helpers import read_until_eof, reap, wait_until
+from tests.helpers import queue_counts, report_from_child, wait_until
 from tests.conftest import make_app, new_id, request_for
 
 WAIT = 10.0  # generous upper bound for anything that should take milliseconds
@@ -37,17 +37,6 @@ class BillingError(Exception):
 
 
 # -- helpers ----------------------------------------------------------------------------------------
-
-def queue_state(conn: amqp.Connection, name: str) -> Optional[Tuple[int, int]]:
-    """``(ready messages, consumers)`` of queue ``name`` by a passive declare; None when it does not exist."""
-    channel = conn.channel()
-    try:
-        ok = channel.queue_declare(name, passive=True)
-    except amqp.exceptions.NotFound:
-        return None  # the broker closed that channel
-    channel.close()
-    return ok.message_count, ok.consumer_count
-
 
 def redeclare(conn: amqp.Connection, name: str, **kwargs: Any) -> Any:
     """Declare ``name`` again on a fresh channel (a refusal closes only that channel)."""
@@ -112,9 +101,9 @@ def expected_expires_ms(app: Any) -> int:
 
 # -- the reply queue --------------------------------------------------------------------------------
 def test_reply_queue_is_durable_not_auto_delete_with_x_expires(app, client, raw):
-    assert queue_state(raw, client.oid) is None  # nothing declared before the consumer starts
+    assert queue_counts(raw, client.oid) is None  # nothing declared before the consumer starts
     client.result_consumer.start()
-    assert queue_state(raw, client.oid) == (0, 1)
+    assert queue_counts(raw, client.oid) == (0, 1)
 
     ours = {'durable': True, 'auto_delete': False, 'exclusive': False,
             'arguments': {'x-expires': expected_expires_ms(app)}}
@@ -134,7 +123,7 @@ def test_reply_queue_is_durable_not_auto_delete_with_x_expires(app, client, raw)
         assert excinfo.value.code == 406, kwargs
         assert 'PRECONDITION_FAILED' in str(excinfo.value)
     # the refusals did not disturb the consumer
-    assert queue_state(raw, client.oid) == (0, 1)
+    assert queue_counts(raw, client.oid) == (0, 1)
 
 
 @pytest.mark.parametrize('setting, expected_ms', [(17.5, 17_500), (timedelta(seconds=42), 42_000)])
@@ -153,7 +142,7 @@ def test_auto_delete_true_is_honoured(other_app, raw):
     try:
         assert backend.auto_delete is True
         backend.result_consumer.start()
-        assert queue_state(raw, backend.oid) == (0, 1)
+        assert queue_counts(raw, backend.oid) == (0, 1)
         args = {'x-expires': expected_expires_ms(application)}
         redeclare(raw, backend.oid, durable=True, auto_delete=True, arguments=args)
         with pytest.raises(amqp.exceptions.PreconditionFailed):
@@ -161,19 +150,19 @@ def test_auto_delete_true_is_honoured(other_app, raw):
     finally:
         backend.close()
     # an auto-delete queue goes away with its last consumer
-    wait_until(lambda: queue_state(raw, backend.oid) is None, what='the auto-delete queue to vanish')
+    wait_until(lambda: queue_counts(raw, backend.oid) is None, what='the auto-delete queue to vanish')
 
 
 def test_default_queue_outlives_the_consumer_and_keeps_replies(app, client, worker, raw):
     """close() stops consuming; the queue (not auto-delete) keeps what arrives for the next consumer."""
     client.result_consumer.start()
-    assert queue_state(raw, client.oid) == (0, 1)
+    assert queue_counts(raw, client.oid) == (0, 1)
     client.close()
-    wait_until(lambda: queue_state(raw, client.oid) == (0, 0), what='the consumer to go away')
+    wait_until(lambda: queue_counts(raw, client.oid) == (0, 0), what='the consumer to go away')
 
     tid = new_id()
     worker.mark_as_done(tid, 'kept for you', request=request_for(client, tid))
-    wait_until(lambda: queue_state(raw, client.oid) == (1, 0), what='the reply to wait in the queue')
+    wait_until(lambda: queue_counts(raw, client.oid) == (1, 0), what='the reply to wait in the queue')
 
     again = app.create_backend()  # same thread, same oid: the client coming back
     try:
@@ -209,10 +198,10 @@ def test_binding(app, client, broker_url, raw):
         bound = client.binding(channel)
         assert bound.is_bound and bound.channel is channel
         bound.declare()
-        assert queue_state(raw, client.oid) == (0, 0)
+        assert queue_counts(raw, client.oid) == (0, 0)
         # what binding() declares is exactly what the consumer declares: no conflict either way
         client.result_consumer.start()
-        assert queue_state(raw, client.oid) == (0, 1)
+        assert queue_counts(raw, client.oid) == (0, 1)
 
 
 def test_oid_and_backend_are_per_thread(app):
@@ -303,16 +292,16 @@ def test_destination_for_the_incoming_message_itself(kind, app, client, worker, 
 
 def test_on_task_call_declares_the_reply_queue_before_any_consumer(app, client, worker, raw, broker_url):
     tid = new_id()
-    assert queue_state(raw, client.oid) is None
+    assert queue_counts(raw, client.oid) is None
     with kombu.Connection(broker_url) as conn:
         producer = kombu.Producer(conn.channel())
         client.on_task_call(producer, tid)
-        assert queue_state(raw, client.oid) == (0, 0)  # declared, nobody consumes yet
+        assert queue_counts(raw, client.oid) == (0, 0)  # declared, nobody consumes yet
         redeclare(raw, client.oid, durable=True, auto_delete=False,
                   arguments={'x-expires': expected_expires_ms(app)})
 
         worker.mark_as_done(tid, 'early bird', request=request_for(client, tid))
-        wait_until(lambda: queue_state(raw, client.oid) == (1, 0), what='the reply to wait in the queue')
+        wait_until(lambda: queue_counts(raw, client.oid) == (1, 0), what='the reply to wait in the queue')
     assert app.AsyncResult(tid).get(timeout=WAIT) == 'early bird'
 
 
@@ -347,7 +336,7 @@ def test_get_task_meta_returns_the_newest_state(app, client, worker, raw, broker
         client.on_task_call(kombu.Producer(conn.channel()), tid)
     worker.mark_as_started(tid, request=request, pid=4321, hostname='w1@box')
     worker.store_result(tid, {'current': 2, 'total': 3}, 'PROGRESS', request=request)
-    wait_until(lambda: queue_state(raw, client.oid) == (2, 0), what='two states waiting')
+    wait_until(lambda: queue_counts(raw, client.oid) == (2, 0), what='two states waiting')
 
     # both unready states are read; the newer one (PROGRESS) must win
     meta = wait_until(lambda: (m := client.get_task_meta(tid))['status'] == 'PROGRESS' and m,
@@ -371,7 +360,7 @@ def test_get_task_meta_started_then_success_keeps_success(client, worker, raw, b
         client.on_task_call(kombu.Producer(conn.channel()), tid)
     worker.mark_as_started(tid, request=request, pid=1, hostname='h')
     worker.mark_as_done(tid, 99, request=request)
-    wait_until(lambda: queue_state(raw, client.oid) == (2, 0), what='both states waiting')
+    wait_until(lambda: queue_counts(raw, client.oid) == (2, 0), what='both states waiting')
     # a table that kept the oldest state would stay STARTED forever and time out here
     meta = wait_until(lambda: (m := client.get_task_meta(tid))['status'] == states.SUCCESS and m,
                       what='SUCCESS')
@@ -385,7 +374,7 @@ def test_get_task_meta_raises_backlog_limit_exceeded(client, worker, raw, broker
         client.on_task_call(kombu.Producer(conn.channel()), wanted)
     for index, tid in enumerate(others):
         worker.mark_as_done(tid, index, request=request_for(client, tid))
-    wait_until(lambda: queue_state(raw, client.oid) == (50, 0), what='50 replies waiting')
+    wait_until(lambda: queue_counts(raw, client.oid) == (50, 0), what='50 replies waiting')
 
     deadline = time.monotonic() + WAIT
     raised: Optional[BacklogLimitExceeded] = None
@@ -891,17 +880,17 @@ def test_result_consumer_lifecycle(client, worker, raw):
     assert isinstance(consumer, ResultConsumer)
     consumer.start()
     consumer.start()  # idempotent
-    assert queue_state(raw, client.oid) == (0, 1)
+    assert queue_counts(raw, client.oid) == (0, 1)
     tid = new_id()
     consumer.consume_from(tid)  # one queue for every id: nothing new to consume
     consumer.cancel_for(tid)  # and nothing to cancel per task
-    assert queue_state(raw, client.oid) == (0, 1)
+    assert queue_counts(raw, client.oid) == (0, 1)
 
     worker.mark_as_done(tid, 'drained', request=request_for(client, tid))
     pump_until(client, received_at_least(client, 1), what='one reply')  # ResultConsumer.drain_events
     consumer.stop()
-    wait_until(lambda: (queue_state(raw, client.oid) or (None, None))[1] == 0, what='the consumer to stop')
-    assert queue_state(raw, client.oid) == (0, 0)  # the reply was acked, not left for redelivery
+    wait_until(lambda: (queue_counts(raw, client.oid) or (None, None))[1] == 0, what='the consumer to stop')
+    assert queue_counts(raw, client.oid) == (0, 0)  # the reply was acked, not left for redelivery
     assert AsyncResult(tid, backend=client).get(timeout=WAIT) == 'drained'
 
 
@@ -909,34 +898,18 @@ def test_result_consumer_lifecycle(client, worker, raw):
 def test_fork_child_gets_a_new_oid_and_the_parent_keeps_its_connection(app, client, worker):
     client.result_consumer.start()
     parent_oid = client.oid
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: report through the pipe, never return into pytest
-        code = 1
-        try:
-            os.close(read_fd)
-            report: Dict[str, Any] = {'inherited_oid': client.oid, 'thread_oid': app.thread_oid}
-            child_backend = app.backend
-            report['backend_oid'] = child_backend.oid
-            child_worker = app.create_backend()
-            tid = new_id()
-            child_backend.result_consumer.start()
-            child_worker.mark_as_done(tid, 'from the child', request=request_for(child_backend, tid))
-            report['value'] = app.AsyncResult(tid).get(timeout=WAIT)
-            os.write(write_fd, json.dumps(report).encode())
-            code = 0
-        except BaseException as exc:
-            os.write(write_fd, json.dumps({'error': repr(exc)}).encode())
-        finally:
-            os._exit(code)
-    os.close(write_fd)
-    try:
-        data = read_until_eof(read_fd, 30)
-    finally:
-        status = reap(pid, 10)  # never a blocking wait: a hung child is killed, not waited on forever
-        os.close(read_fd)
-    assert data, 'the forked child did not report'
-    report = json.loads(data)
+    def child(report: Dict[str, Any]) -> None:
+        report['inherited_oid'] = client.oid
+        report['thread_oid'] = app.thread_oid
+        child_backend = app.backend
+        report['backend_oid'] = child_backend.oid
+        child_worker = app.create_backend()
+        tid = new_id()
+        child_backend.result_consumer.start()
+        child_worker.mark_as_done(tid, 'from the child', request=request_for(child_backend, tid))
+        report['value'] = app.AsyncResult(tid).get(timeout=WAIT)
+
+    report, status = report_from_child(child, timeout=30)
     assert 'error' not in report, report
     assert status is not None and os.waitstatus_to_exitcode(status) == 0
     assert report['value'] == 'from the child'

@@ -11,13 +11,14 @@ from __future__ import annotations
 import random
 import re
 from types import ModuleType
-from typing import Any, Iterable, List, Tuple
+from typing import Any, List, Tuple
 
 import pytest
 
 from tests.amqp_frames import (
     CANCEL, CHANNEL_CLOSE, CHANNEL_FLOW, CONSUME_OK, DELIVER, FRAME_END, QOS_OK, Writer, chunked,
     header_payload, join_frames, method_args, raw_frame, read_with_py_amqp, split_frames)
+from tests.frame_streams import feed_all
 from tests.twins import TWINS, load_twin
 
 CH = 1                      # our channel
@@ -35,17 +36,6 @@ def parser_impl(request) -> ModuleType:
 @pytest.fixture
 def writer() -> Writer:
     return Writer()
-
-
-def feed_all(parser: Any, chunks: Iterable[bytes]) -> Tuple[List[Any], List[Any]]:
-    """Feed ``chunks`` one by one; every delivery and every passed-through frame, in order."""
-    deliveries: List[Any] = []
-    others: List[Any] = []
-    for chunk in chunks:
-        got, passed = parser.feed(chunk)
-        deliveries.extend(got)
-        others.extend(passed)
-    return deliveries, others
 
 
 def parse(parser_impl: ModuleType, data: bytes, frame_max: int = 131072, **kwargs: Any):

@@ -32,6 +32,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.amqp_frames import Frame, Writer, read_with_py_amqp, split_frames
+from tests.frame_streams import feed_all, outcomes
 from tests.twins import TWINS, load_twin
 from tests.unit.test_frames_differential import (
     TAG, cuts_of, delivery_of, is_our_delivery, no_hang, streams)
@@ -90,14 +91,10 @@ def expected_after(stream: dict, count: int) -> Tuple[List[Any], List[Frame], bo
     return deliveries, others, pending is not None
 
 
-def feed_chunks(parser: Any, chunks: Sequence[bytes]) -> Tuple[List[Any], List[Any]]:
-    deliveries: List[Any] = []
-    others: List[Any] = []
-    for chunk in chunks:
-        got, passed = parser.feed(chunk)
-        deliveries.extend(got)
-        others.extend(passed)
-    return deliveries, others
+def chunks_split_at(data: Any, raw: bytes, offset: int, label: str) -> List[bytes]:
+    """``raw`` in drawn chunks, one of them starting exactly at ``offset`` (``label`` names the later ones)."""
+    before = data.draw(cuts_of(raw[:offset]), label='chunks before') if offset else []
+    return before + data.draw(cuts_of(raw[offset:]), label=label)
 
 
 def feed_until_error(module: ModuleType, parser: Any, chunks: Sequence[bytes]):
@@ -131,7 +128,7 @@ def test_stream_cut_anywhere_gives_exactly_its_whole_frames(parser_impl, stream,
 
     parser = parser_impl.FrameParser(stream['channel'], TAG, stream['frame_max'])
     with no_hang():
-        got = feed_chunks(parser, data.draw(cuts_of(raw[:cut]), label='chunks before the cut'))
+        got = feed_all(parser, data.draw(cuts_of(raw[:cut]), label='chunks before the cut'))
     assert got == (want_deliveries, want_others)
     assert parser.frames_parsed == whole
     assert parser.buffered == cut - boundary
@@ -140,7 +137,7 @@ def test_stream_cut_anywhere_gives_exactly_its_whole_frames(parser_impl, stream,
     # the rest of the stream completes it: everything, nothing twice, nothing left over
     all_deliveries, all_others, _ = expected_after(stream, len(frames))
     with no_hang():
-        rest = feed_chunks(parser, data.draw(cuts_of(raw[cut:]), label='chunks after the cut'))
+        rest = feed_all(parser, data.draw(cuts_of(raw[cut:]), label='chunks after the cut'))
     assert (got[0] + rest[0], got[1] + rest[1]) == (all_deliveries, all_others)
     assert (parser.buffered, parser.mid_message, parser.frames_parsed) == (0, False, len(frames))
 
@@ -153,7 +150,7 @@ def test_take_remainder_after_a_cut_hands_back_the_partial_frame(parser_impl, st
     cut = data.draw(st.integers(0, len(raw)), label='cut')
     boundary = max([end for end in frame_ends(stream['frames']) if end <= cut], default=0)
     parser = parser_impl.FrameParser(stream['channel'], TAG, stream['frame_max'])
-    feed_chunks(parser, data.draw(cuts_of(raw[:cut]), label='chunks'))
+    feed_all(parser, data.draw(cuts_of(raw[:cut]), label='chunks'))
     assert parser.take_remainder() == raw[boundary:cut]
     assert parser.buffered == 0
     assert parser.take_remainder() == b''
@@ -205,7 +202,7 @@ def test_oversized_frame_raises_naming_its_size(parser_impl, stream, data) -> No
 
     parser = parser_impl.FrameParser(stream['channel'], TAG, frame_max)
     with no_hang():
-        before = feed_chunks(parser, data.draw(cuts_of(prefix), label='prefix chunks'))
+        before = feed_all(parser, data.draw(cuts_of(prefix), label='prefix chunks'))
         assert before == (want_deliveries, want_others)
         # the header alone is not enough to tell: nothing happens yet
         assert parser.feed(header) == ([], [])
@@ -258,8 +255,7 @@ def test_corrupted_frame_end_raises_after_exactly_the_frames_before_it(parser_im
     want_deliveries, want_others, want_mid = expected_after(stream, index)
 
     parser = parser_impl.FrameParser(stream['channel'], TAG, stream['frame_max'])
-    chunks = (data.draw(cuts_of(raw[:start]), label='chunks before') if start else []) \
-        + data.draw(cuts_of(raw[start:]), label='chunks from the bad frame')
+    chunks = chunks_split_at(data, raw, start, 'chunks from the bad frame')
     with no_hang():
         deliveries, others, error, fed = feed_until_error(parser_impl, parser, chunks)
     assert error is not None, 'a bad frame-end octet went unnoticed'
@@ -293,8 +289,7 @@ def test_garbage_spliced_at_a_frame_boundary(parser_impl, stream, data, junk) ->
     raw = stream['data'][:offset] + junk + stream['data'][offset:]
     want_deliveries, want_others, _ = expected_after(stream, at)
     parser = parser_impl.FrameParser(stream['channel'], TAG, stream['frame_max'])
-    chunks = (data.draw(cuts_of(raw[:offset]), label='chunks before') if offset else []) \
-        + data.draw(cuts_of(raw[offset:]), label='chunks from the garbage')
+    chunks = chunks_split_at(data, raw, offset, 'chunks from the garbage')
     with no_hang():
         deliveries, others, _, _ = feed_until_error(parser_impl, parser, chunks)
     assert deliveries[:len(want_deliveries)] == want_deliveries
@@ -335,21 +330,6 @@ def test_bounded_work_and_memory(parser_impl, raw, frame_max, data) -> None:
 
 # -- the twins side by side -------------------------------------------------------------------------
 
-def outcomes(module: ModuleType, chunks: Sequence[bytes], channel: int, frame_max: int) -> List[Any]:
-    """Per feed: the result or the FrameError message, plus the parser's state after it."""
-    parser = module.FrameParser(channel, TAG, frame_max)
-    out: List[Any] = []
-    for chunk in chunks:
-        try:
-            result: Any = parser.feed(chunk)
-        except module.FrameError as exc:
-            assert type(exc) is module.FrameError
-            result = ('FrameError', str(exc))
-        out.append((result, parser.buffered, parser.mid_message, parser.frames_parsed))
-    out.append(parser.take_remainder())
-    return out
-
-
 @MANY
 @given(stream=streams(), data=st.data(), junk=garbage)
 def test_twins_agree_on_spliced_cut_and_oversized_streams(both, stream, data, junk) -> None:
@@ -370,7 +350,7 @@ def test_twins_agree_on_spliced_cut_and_oversized_streams(both, stream, data, ju
         raw = bytes(mutable)
     chunks = data.draw(cuts_of(raw), label='chunks')
     with no_hang():
-        pure, compiled = (outcomes(module, chunks, stream['channel'], stream['frame_max']) for module in both)
+        pure, compiled = (outcomes(module, chunks, stream['channel'], TAG, stream['frame_max']) for module in both)
     assert compiled == pure
 
 
