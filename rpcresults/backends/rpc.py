@@ -453,7 +453,9 @@ class RPCBackend(base.Backend, AsyncBackendMixin):
             options = dict(self.app.conf.broker_transport_options or {})
             if self.confirm:
                 options['confirm_publish'] = True
-            connection = self.app.connection(transport_options=options)
+            # no heartbeats: nothing reads this connection between publishes, so the broker
+            # would close an idle one, and the next reply written to it could be lost
+            connection = self.app.connection(transport_options=options, heartbeat=0)
         self._producer_connection = connection
         self._producer = self.Producer(connection, exchange=self.exchange, serializer=self.serializer,
                                        auto_declare=False, on_return=self._on_return)

@@ -3,6 +3,7 @@ publisher confirms make the broker's refusal an error (issue 4, fault 5)."""
 from __future__ import annotations
 
 import logging
+import time
 
 import pytest
 
@@ -90,3 +91,25 @@ def test_a_nacked_result_raises_result_not_delivered(broker_url, raw):
         worker.close()
         app.close()
         channel.queue_delete(queue)
+
+
+def test_an_idle_worker_keeps_its_publishing_connection(broker_url, client):
+    # nothing reads the producer connection between publishes: with heartbeats on, the broker would
+    # close it after two missed intervals and the next result could be written into a dead socket
+    client.result_consumer.start()
+    app = make_app(broker_url, broker_heartbeat=1)
+    worker = app.create_backend()
+    try:
+        first = new_id()
+        worker.store_result(first, 1, 'SUCCESS', request=request_for(client, first))
+        connection = worker._producer_connection.connection
+        assert connection.heartbeat == 0
+        time.sleep(4)  # four of the client's heartbeat intervals with no traffic
+        second = new_id()
+        worker.store_result(second, 2, 'SUCCESS', request=request_for(client, second))
+        assert worker._producer_connection.connection is connection  # not re-established
+    finally:
+        worker.close()
+        app.close()
+    assert AsyncResult(first, backend=client).get(timeout=15) == 1
+    assert AsyncResult(second, backend=client).get(timeout=15) == 2
