@@ -4,8 +4,8 @@ from __future__ import annotations
 from . import exceptions, states
 from ._drain import USING_EXTENSION
 from .app import App, default_app
-from .exceptions import (BacklogLimitExceeded, ImproperlyConfigured, ReplyQueueLost, ResultEvicted,
-                         SecurityError, TimeoutError)
+from .exceptions import (BacklogLimitExceeded, ImproperlyConfigured, ReplyQueueLost, ResultBackendClosed,
+                         ResultEvicted, ResultNotDelivered, SecurityError, TimeoutError)
 from .result import AsyncResult, EagerResult, GroupResult, ResultSet, result_from_tuple
 from .client import Client
 from .responder import BadRequest, Request, Responder
@@ -16,5 +16,6 @@ __all__ = (
     'App', 'default_app', 'AsyncResult', 'EagerResult', 'ResultSet', 'GroupResult',
     'result_from_tuple', 'states', 'exceptions', 'USING_EXTENSION', 'TimeoutError',
     'BacklogLimitExceeded', 'SecurityError', 'ReplyQueueLost', 'ResultEvicted', 'ImproperlyConfigured',
+    'ResultNotDelivered', 'ResultBackendClosed',
     'Client', 'Responder', 'Request', 'BadRequest', '__version__',
 )

@@ -46,7 +46,8 @@ from typing import Any, Callable, Deque, Dict, Optional, Sequence, Tuple
 import kombu
 import kombu.exceptions
 
-from . import serialization
+from . import _fork, serialization
+from ._consume import detach_after_fork
 from .app import App, app_or_default
 from .backends.rpc import RPCBackend
 
@@ -182,6 +183,20 @@ class Responder:
         probe = self.app.connection()
         self._recoverable: Tuple[type, ...] = (tuple(probe.connection_errors) + tuple(probe.channel_errors)
                                                + (OSError, kombu.exceptions.OperationalError))
+        _fork.register(self)
+
+    def _after_fork(self) -> None:
+        """In a forked child: let go of the parent's connections (never touching its sockets)."""
+        detach_after_fork(self._connection)
+        detach_after_fork(self._reply_connection)  # the backend detaches its own reference too
+        self._connection = None
+        self._consumer = None
+        self.backend = self._new_backend()
+        self._stop = threading.Event()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._ready = threading.Event()
+        self._runner = None
 
     # -- connections -------------------------------------------------------------------------
     def _new_backend(self) -> RPCBackend:

@@ -6,8 +6,11 @@ import time
 import weakref
 from collections import deque
 from datetime import datetime
-from typing import (Any, AsyncIterator, Callable, Deque, Dict, Generator, Iterable, Iterator, List,
+from typing import (TYPE_CHECKING, Any, Callable, Deque, Dict, Generator, Iterable, Iterator, List,
                     Optional, Tuple, Union)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .aio import NativeIterator
 
 from . import states
 from .app import App, app_or_default
@@ -816,8 +819,9 @@ class ResultSet(ResultBase):
         from . import aio
         return await aio.join_native(self, timeout=timeout, propagate=propagate)
 
-    def aiter_native(self, timeout: Optional[float] = None) -> AsyncIterator[Tuple[str, Any]]:
-        """``iter_native()`` for asyncio: ``async for task_id, meta in ...``, each as it becomes final."""
+    def aiter_native(self, timeout: Optional[float] = None) -> 'NativeIterator':
+        """``iter_native()`` for asyncio: ``async for task_id, meta in ...``, each as it becomes final;
+        ``await it.aclose()`` stops waiting early."""
         from . import aio
         return aio.iter_native(self, timeout=timeout)
 

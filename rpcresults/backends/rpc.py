@@ -19,7 +19,6 @@ from typing import Any, Dict, List, Optional, Tuple
 import kombu
 import kombu.exceptions
 from amqp.exceptions import MessageNacked
-from kombu.common import maybe_declare
 
 from .. import _fork, serialization
 from .._consume import ReplyChannel, detach_after_fork, reply_channel_for, wait_readable
@@ -148,10 +147,21 @@ class ResultConsumer(BaseResultConsumer):
         conf = self.app.conf
         connection = self.app.connection()
         timeout = None if self.deadline is None else max(self.deadline - time.monotonic(), 0.5)
-        connection.ensure_connection(max_retries=conf.broker_connection_max_retries,
-                                     interval_start=0, interval_step=0.5, interval_max=2, timeout=timeout)
+        try:
+            connection.ensure_connection(errback=self._give_up_if_closed,
+                                         max_retries=conf.broker_connection_max_retries,
+                                         interval_start=0, interval_step=0.5, interval_max=2, timeout=timeout)
+        except Exception as exc:  # kombu wraps what the errback raises
+            if self.closed:
+                raise ResultBackendClosed() from exc
+            raise
         self._connection_errors = tuple(connection.connection_errors) + tuple(connection.channel_errors)
         return connection
+
+    def _give_up_if_closed(self, exc: BaseException, interval: float) -> None:
+        """Between connection attempts: stop retrying once ``stop()`` was called."""
+        if self.closed:
+            raise ResultBackendClosed() from exc
 
     def _attach(self, connection: Any, replies: ReplyChannel) -> None:
         """Make ``replies`` on ``connection`` the live consumer."""
@@ -356,6 +366,7 @@ class RPCBackend(base.Backend, AsyncBackendMixin):
         self._producer_connection: Any = None
         self._producer: Any = None
         self._publish_lock = threading.Lock()
+        self._declare_due = 0.0  # when on_task_call must declare the reply queue again
         _fork.register(self)
 
     def _new_table(self) -> StateTable:
@@ -374,8 +385,19 @@ class RPCBackend(base.Backend, AsyncBackendMixin):
         return self.binding
 
     def on_task_call(self, producer: Any, task_id: str) -> None:
-        """Declare the reply queue on the request's channel before the request is sent."""
-        maybe_declare(self.binding(producer.channel), retry=True)
+        """Declare the reply queue on the request's channel before the request is sent.
+
+        Not once per connection, as a cached declaration would be: a client idle for
+        longer than the queue's expiry (nobody consuming: its consumer connection was
+        dropped) would send requests whose replies find no queue. The declaration is
+        repeated whenever half the expiry has passed since the last one.
+        """
+        now = time.monotonic()
+        if now < self._declare_due:
+            return
+        self.binding(producer.channel).declare()
+        expires = self.reply_queue_expires
+        self._declare_due = now + expires / 2 if expires else float('inf')
 
     def reply_properties(self, task_id: str) -> Dict[str, str]:
         """AMQP properties a request for ``task_id`` carries so its replies come here."""
@@ -385,8 +407,11 @@ class RPCBackend(base.Backend, AsyncBackendMixin):
         # New objects rather than clear(): a parent thread may have held their locks at fork time.
         self._cache = type(self._cache)(self._cache.limit)
         self.oid = str(uuid.uuid4())  # never shared with another backend of the child
+        self._declare_due = 0.0
         self.result_consumer.on_after_fork()
         detach_after_fork(self._producer_connection)
+        detach_after_fork(self._connection)  # a publishing connection given to us is the parent's too
+        self._connection = None
         self._producer_connection = None
         self._producer = None
         self._publish_lock = threading.Lock()

@@ -158,6 +158,8 @@ class RPCBackend(celery_rpc.RPCBackend):
             mapping.clear()
         self._cache.clear()
         self.oid = str(uuid.uuid4())  # the child never shares the parent's reply queue
+        # Celery stamps requests with app.thread_oid, a thread-local the fork kept: make it ours
+        self.app._local.oid = self.oid
         self.result_consumer.on_after_fork()
 
     # -- ours --------------------------------------------------------------------------------

@@ -210,6 +210,25 @@ def test_aiter_native_yields_each_result_as_it_becomes_ready(app, client, worker
     assert [value for _, _, value in got] == ['before'] + list(range(20))
 
 
+def test_aclose_stops_an_aiter_native_early_and_removes_its_waiter(app, client, worker):
+    first, never = new_id(), new_id()
+    publish(worker, client, [(first, 'one')])
+
+    async def main() -> Tuple[List[Any], List['weakref.ref[Any]']]:
+        members = ResultSet([bound(client, first), bound(client, never)], app=app)
+        iterator = members.aiter_native(timeout=60)
+        got = [await iterator.__anext__()]
+        refs = await watched_waiters(client, 1)
+        await iterator.aclose()
+        with pytest.raises(StopAsyncIteration):
+            await iterator.__anext__()
+        return got, refs
+
+    got, refs = run(main())
+    assert [(task_id, meta['result']) for task_id, meta in got] == [(first, 'one')]
+    assert_released(client, refs)
+
+
 # -- timeouts and cancellation --------------------------------------------------------------------
 def kinds(error: BaseException) -> Tuple[type, bool, bool]:
     return type(error), isinstance(error, builtins.TimeoutError), isinstance(error, asyncio.TimeoutError)

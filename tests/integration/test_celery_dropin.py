@@ -217,10 +217,15 @@ def test_a_forked_child_gets_its_own_reply_queue(celery_client: Celery) -> None:
         child_backend = celery_client.backend
         report['oid'] = child_backend.oid
         report['connection_cleared'] = child_backend.result_consumer._connection is None
+        report['thread_oid'] = celery_client.thread_oid  # what Celery stamps as reply_to
+        report['round_trip'] = celery_client.send_task(TASK_ADD, (2, 3)).get(timeout=TIMEOUT)
 
     report, status = report_from_child(child, timeout=30, reap_timeout=30)
     assert 'error' not in report, report['error']
     assert status == 0, f'child failed: {report!r}'
     assert report['oid'] != parent_oid
     assert report['connection_cleared']
+    assert report['thread_oid'] == report['oid']
+    assert report['round_trip'] == 5
     assert backend.oid == parent_oid  # the parent keeps its own
+    assert celery_client.send_task(TASK_ADD, (20, 22)).get(timeout=TIMEOUT) == 42

@@ -99,3 +99,23 @@ def test_a_reader_stopped_by_close_does_not_reconnect(client, raw):
         consumer._drain_once(0)  # what a reader does next: no reconnect
     assert consumer._connection is None
     wait_until(lambda: consumers_on(raw, client.oid) == 0, 10, 'the broker to see no consumer')
+
+
+def test_close_ends_a_wait_that_is_retrying_its_connection(broker_url, proxy):
+    from ..conftest import make_app
+    app = make_app(proxy.url_for(broker_url))
+    client = app.backend
+    proxy.pause()  # every connection attempt is accepted, then closed at once
+    try:
+        waiter = Call(lambda: bound(client, new_id()).get(timeout=None), name='retrying-get')
+        waiter.start()
+        wait_until(lambda: proxy.refused >= 2, 30, 'the waiter retrying its connection')
+        closer = Call(client.close, name='close')
+        closer.start()
+        closer.result(timeout=30)  # bounded: without the check between attempts it waits out every retry
+        _, error = waiter.outcome(timeout=30)
+        assert isinstance(error, ResultBackendClosed), repr(error)
+        assert client.result_consumer._connection is None
+    finally:
+        proxy.resume()
+        app.close()

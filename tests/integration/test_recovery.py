@@ -62,9 +62,9 @@ def proxied_app(proxy: TcpProxy, broker_url: str) -> Iterator[Callable[..., App]
 
 
 # -- connection cut mid-join -----------------------------------------------------------------
-N_JOIN = 5000
-FIRST_CUT, SECOND_CUT = 1000, 3000
-STAGES = [(0, 2000), (2000, 4000), (4000, N_JOIN)]
+N_JOIN = 20000  # issue 4, fault 1: two cuts while 20,000 results drain
+FIRST_CUT, SECOND_CUT = 4000, 12000
+STAGES = [(0, 8000), (8000, 16000), (16000, N_JOIN)]
 
 
 class Gate:

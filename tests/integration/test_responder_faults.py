@@ -130,3 +130,42 @@ def test_bench_reports_a_join_timeout_as_a_row(broker_url: str, capsys: pytest.C
     assert code != 0
     assert 'TIMED OUT' in out
     assert 'did not finish within' in err
+
+
+def test_a_forked_child_serves_on_connections_of_its_own(broker_url: str) -> None:
+    from tests.helpers import report_from_child
+    app = make_app(broker_url)
+    client_app = make_app(broker_url)
+    queue = f'rpcresults-test-fork-{uuid.uuid4().hex[:12]}'
+    responder = Responder(app, queue, lambda payload: ['parent', payload], expires=60).start()
+    client = Client(client_app)
+    try:
+        first = client.call(queue, 1)
+        assert responder.run(limit=1, timeout=30) == 1
+        assert first.get(timeout=15) == ['parent', 1]
+
+        def child(report: dict) -> None:
+            report['inherited'] = [responder._connection is not None, responder._consumer is not None,
+                                   responder.backend._producer_connection is not None]
+            # its own queue, so the parent's consumer (still registered) cannot take the request
+            child_queue = f'{queue}-child'
+            responder.queue_name, responder.queue = child_queue, Responder.queue_for(child_queue, expires=60)
+            responder.handler = lambda payload: ['child', payload]
+            child_client = Client(make_app(broker_url))
+            pending = child_client.call(child_queue, 2)
+            report['handled'] = responder.run(limit=1, timeout=30)
+            report['value'] = pending.get(timeout=15)
+
+        report, status = report_from_child(child, timeout=60)
+        assert 'error' not in report, report['error']
+        assert status == 0
+        assert report == {'inherited': [False, False, False], 'handled': 1, 'value': ['child', 2]}
+        # the parent's connections were never touched by the child
+        third = client.call(queue, 3)
+        assert responder.run(limit=1, timeout=30) == 1
+        assert third.get(timeout=15) == ['parent', 3]
+    finally:
+        responder.close()
+        client.close()
+        client_app.close()
+        app.close()
