@@ -30,6 +30,8 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Union
 import kombu
 import kombu.exceptions
 
+from . import _fork
+from ._consume import detach_after_fork
 from .app import App, app_or_default
 from .result import AsyncResult
 
@@ -107,6 +109,15 @@ class Client:
         self._connection: Any = None
         self._producer: Any = None
         self._declared: set = set()  # queues known to exist (on this connection)
+        _fork.register(self)
+
+    def _after_fork(self) -> None:
+        """In a forked child: let go of the parent's publishing connection without touching its socket."""
+        detach_after_fork(self._connection)
+        self._connection = None
+        self._producer = None
+        self._declared = set()
+        self._lock = threading.Lock()  # a parent thread may have held it at fork time
 
     @property
     def oid(self) -> str:
@@ -160,11 +171,13 @@ class Client:
     def _publish(self, task_id: str, body: Any, routing_key: str, exchange: str, declare: bool,
                  **options: Any) -> AsyncResult:
         result = AsyncResult(task_id, backend=self.backend, app=self.app)
-        self.backend.add_pending_result(result)  # tracked before any reply can arrive
         properties = self.backend.reply_properties(task_id)
         options.update(properties)
+        # direct reply-to: must go out on the consumer's own channel, which tracks the result itself
+        direct = getattr(self.backend, 'publish_request', None)
         try:
-            direct = getattr(self.backend, 'publish_request', None)
+            if direct is None:
+                self.backend.add_pending_result(result)  # tracked before any reply can arrive
             with self._lock:
                 producer = self._get_producer()
                 try:
@@ -178,8 +191,8 @@ class Client:
                         *self._connection.channel_errors):
                     self._drop_connection()  # the next request starts on a new one
                     raise
-            if direct is not None:  # direct reply-to: must go out on the consumer's own channel
-                direct(body, routing_key=routing_key, exchange=exchange, **options)
+            if direct is not None:
+                direct(body, routing_key=routing_key, exchange=exchange, result=result, **options)
         except BaseException:
             self.backend.remove_pending_result(result)
             raise

@@ -307,9 +307,13 @@ class ResultConsumer(BaseResultConsumer):
             return
         self._heartbeat_due = time.monotonic() + connection.heartbeat / 4
         try:
-            connection.heartbeat_check()
+            self._heartbeat_check(connection)
         except self._connection_errors as exc:
             self._recover(exc)
+
+    def _heartbeat_check(self, connection: Any) -> None:
+        """Send and verify heartbeats (a hook: direct reply-to puts the write under its write lock)."""
+        connection.heartbeat_check()
 
     def _flush_acks(self) -> None:
         replies = self._replies

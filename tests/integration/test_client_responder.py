@@ -1,10 +1,13 @@
 """Client -> Responder -> client over the real broker: values, re-raised exceptions, bulk joins,
 per-request expiration, requests without reply_to and undecodable requests, unencodable replies,
-huge task args, requests to a queue that does not exist yet, Celery's expires and ignore_result."""
+huge task args, requests to a queue that does not exist yet, Celery's expires and ignore_result,
+a client used on both sides of a fork."""
 from __future__ import annotations
 
+import os
+import threading
 import uuid
-from typing import Any, Iterator
+from typing import Any, Dict, Iterator, List, Tuple
 
 import amqp
 import kombu.exceptions
@@ -12,7 +15,8 @@ import pytest
 
 from rpcresults import BadRequest, Client, Request, Responder, ResultSet
 from rpcresults.exceptions import TaskRevokedError, TimeoutError
-from tests.helpers import wait_until
+from tests.conftest import make_app
+from tests.helpers import Call, report_from_child, wait_until
 from tests.responders import ServedResponder
 
 
@@ -241,3 +245,48 @@ def test_ignore_result_runs_the_handler_and_sends_no_reply(app, rpc: Client) -> 
         assert silent.state == 'PENDING'
     finally:
         served.close()
+
+
+@pytest.mark.skipif(not hasattr(os, 'fork'), reason='needs os.fork')
+@pytest.mark.parametrize('result_backend', ['rpc://', 'rpc+direct://'])
+def test_a_client_forked_while_calling_works_in_both_processes(broker_url: str, running: ServedResponder,
+                                                               result_backend: str) -> None:
+    """The child must not publish on the parent's socket (both would write frames into one
+    stream): it lets go of the inherited connections and opens its own, while the parent goes on."""
+    app = make_app(broker_url, result_backend=result_backend)
+    client = Client(app)
+    queue = running.responder.queue_name
+    sent: List[Tuple[int, Any]] = []
+    stop = threading.Event()
+
+    def keep_calling() -> None:
+        for index in range(3000):
+            if stop.is_set():
+                return
+            sent.append((index, client.call(queue, index)))
+
+    def child(report: Dict[str, Any]) -> None:
+        results = [client.call(queue, ['child', index]) for index in range(300)]
+        report['values'] = [result.get(timeout=20) for result in results]
+
+    try:
+        assert client.call(queue, 'before').get(timeout=10) == {'echo': 'before'}
+        calling = Call(keep_calling, 'parent-caller')
+        calling.start()
+        try:
+            wait_until(lambda: len(sent) >= 50, timeout=15, what='the parent to be calling')
+            report, status = report_from_child(child, timeout=30)
+        finally:
+            stop.set()
+            calling.result(30)
+        assert 'error' not in report, report['error']
+        assert status is not None and os.waitstatus_to_exitcode(status) == 0
+        assert report['values'] == [{'echo': ['child', index]} for index in range(300)]
+        # the parent's connections were neither closed nor written to by the child
+        assert ResultSet([result for _, result in sent]).join_native(timeout=60) == \
+            [{'echo': index} for index, _ in sent]
+        assert client.call(queue, 'after').get(timeout=10) == {'echo': 'after'}
+        assert client.backend.stats()['reconnects'] == 0
+    finally:
+        client.close()
+        app.close()

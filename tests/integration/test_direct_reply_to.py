@@ -3,16 +3,19 @@ lost connection honestly means there (in-flight replies are gone: waiters get Re
 not a hang; calls made after the reconnect work)."""
 from __future__ import annotations
 
+import asyncio
+import queue
 import threading
+import time
 import uuid
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, List, Optional
 
 import pytest
 
 from rpcresults import Client, ReplyQueueLost, ResultSet
 from rpcresults.backends.direct import DIRECT_REPLY_QUEUE, DirectReplyBackend
 from tests.conftest import make_app
-from tests.helpers import wait_until
+from tests.helpers import Call, wait_until
 from tests.proxy import TcpProxy
 from tests.responders import ServedResponder
 
@@ -132,5 +135,107 @@ def test_a_request_to_a_missing_exchange_fails_alone(direct_app, running: Runnin
             client.call(running.queue, 6, exchange=f'no-such-exchange-{uuid.uuid4().hex}')
         assert pending.get(timeout=15) == 10  # the consuming channel, and this reply, survived
         assert client.backend.stats()['reconnects'] == 0
+    finally:
+        client.close()
+
+
+def test_calls_and_waits_from_several_threads_and_a_loop_at_once(direct_app, running: Running) -> None:
+    """Requests go out on the connection a leader thread (or the asyncio reader) is reading:
+    publishing must only write, or the two readers split the frame stream between them."""
+    client = Client(direct_app)
+    per_caller, awaited = 700, 150
+    sent: 'queue.Queue[Any]' = queue.Queue()
+    values: List[Any] = []
+    errors: List[BaseException] = []
+
+    def caller(base: int) -> None:
+        for index in range(base, base + per_caller):
+            sent.put((index, client.call(running.queue, index)))
+        sent.put(None)
+
+    def getter() -> None:
+        while True:
+            item = sent.get(timeout=60)
+            if item is None:
+                return
+            index, result = item
+            try:
+                values.append(result.get(timeout=20) == index * 2)
+            except Exception as exc:  # counted: every value must arrive
+                errors.append(exc)
+
+    async def call_and_await() -> int:
+        good = 0
+        for index in range(awaited):
+            good += await client.call(running.queue, -index).aget(timeout=20) == -index * 2
+        return good
+
+    threads = [Call(lambda: caller(0), 'caller-1'), Call(lambda: caller(per_caller), 'caller-2'),
+               Call(getter, 'getter-1'), Call(getter, 'getter-2'),
+               Call(lambda: asyncio.run(call_and_await()), 'awaiter')]
+    try:
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 120
+        outcomes = [thread.outcome(max(deadline - time.monotonic(), 1)) for thread in threads]
+        assert [error for _, error in outcomes] == [None] * len(threads)
+        assert errors == []
+        assert values.count(True) == 2 * per_caller
+        assert outcomes[-1][0] == awaited
+        stats = client.backend.stats()
+        assert (stats['reconnects'], stats['queues_lost'], stats['malformed_dropped']) == (0, 0, 0)
+    finally:
+        client.close()
+
+
+def test_calls_after_idling_past_the_heartbeat_are_answered(broker_url: str, running: Running) -> None:
+    """Nothing sends heartbeats while nobody waits, so the broker drops the idle connection:
+    the next request must reconnect first, not go into (or fail on) the dead socket."""
+    app = make_app(broker_url, result_backend='rpc+direct://', broker_heartbeat=1)
+    client = Client(app)
+    try:
+        assert client.call(running.queue, 1).get(timeout=10) == 2
+        time.sleep(5)  # > 2 heartbeat intervals of silence: the broker closes the connection
+        results = [client.call(running.queue, index) for index in range(2, 7)]
+        assert [result.get(timeout=15) for result in results] == [4, 6, 8, 10, 12]
+        assert client.backend.stats()['reconnects'] >= 1  # the idle connection really was replaced
+    finally:
+        client.close()
+        app.close()
+
+
+def test_a_call_after_the_backend_was_closed_is_answered(direct_app, running: Running) -> None:
+    """close() then a new call: reopening the consumer must not fail the request about to be sent."""
+    client = Client(direct_app)
+    try:
+        assert client.call(running.queue, 1).get(timeout=10) == 2
+        client.backend.close()
+        assert client.call(running.queue, 2).get(timeout=10) == 4
+        client.backend.close()
+        assert client.call(running.queue, 3).get(timeout=10) == 6
+    finally:
+        client.close()
+
+
+def test_stop_never_holds_the_write_lock_while_waiting_for_the_start_lock(direct_app,
+                                                                         running: Running) -> None:
+    """Lock order: a reader recovering holds the start lock and then wants the write lock, so
+    stop() (waiting for the start lock here) must not hold the write lock meanwhile."""
+    client = Client(direct_app)
+    consumer = client.backend.result_consumer
+    try:
+        assert client.call(running.queue, 1).get(timeout=10) == 2
+        with consumer._start_lock:  # as _drain_once holds it around a recovery
+            stopping = Call(client.backend.close, 'stop')
+            stopping.start()
+            wait_until(lambda: consumer.closed, timeout=10, what='stop() to begin')
+            time.sleep(0.5)  # let it reach the start lock (past the leader's grace period)
+            got = consumer.write_lock.acquire(timeout=5)
+            if got:
+                consumer.write_lock.release()
+        _, error = stopping.outcome(15)
+        assert got, 'stop() held the write lock while waiting for the start lock: a recovery would deadlock'
+        assert error is None
+        assert client.call(running.queue, 2).get(timeout=10) == 4
     finally:
         client.close()
