@@ -14,6 +14,7 @@ synchronous waiters.
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 import threading
@@ -532,13 +533,16 @@ class GreenDrainer(Drainer):
         self.readers_started = 0
 
     # -- the green library (subclasses) ------------------------------------------------------
+    #: The green library's module name: ``gevent`` or ``eventlet`` (both have spawn and sleep).
+    library = ''
+
     def spawn(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` in a new green thread of the library (the reader); returns its handle."""
-        raise NotImplementedError
+        return importlib.import_module(self.library).spawn(fn)
 
     def sleep(self, seconds: float) -> None:
         """Sleep ``seconds`` without blocking other green threads."""
-        raise NotImplementedError
+        importlib.import_module(self.library).sleep(seconds)
 
     def new_event(self) -> Any:
         """A resettable green event: ``set()``, ``clear()``, ``wait(timeout)``."""
@@ -546,7 +550,7 @@ class GreenDrainer(Drainer):
 
     def thread_ident(self) -> int:
         """The id of the OS thread (not the green thread) running the caller."""
-        raise NotImplementedError
+        return _original_get_ident(self.library)()
 
     def call_in_thread_of(self, event: Any) -> Callable[[], None]:
         """A ``set`` for ``event`` that any OS thread may call (best effort: waits are sliced anyway)."""
@@ -743,22 +747,11 @@ def _original_get_ident(library: str) -> Callable[[], int]:
 class GeventDrainer(GreenDrainer):
     """:class:`GreenDrainer` on gevent greenlets and ``gevent.event.Event``."""
 
-    def spawn(self, fn: Callable[[], Any]) -> Any:
-        """Run ``fn`` in a new greenlet (``gevent.spawn``)."""
-        import gevent
-        return gevent.spawn(fn)
-
-    def sleep(self, seconds: float) -> None:
-        """``gevent.sleep``: yields to other greenlets."""
-        import gevent
-        gevent.sleep(seconds)
+    library = 'gevent'
 
     def new_event(self) -> Any:
         from gevent.event import Event
         return Event()
-
-    def thread_ident(self) -> int:
-        return _original_get_ident('gevent')()
 
     def call_in_thread_of(self, event: Any) -> Callable[[], None]:
         """``event.set`` run on the hub of the thread that made ``event``, from any thread."""
@@ -779,6 +772,8 @@ class GeventDrainer(GreenDrainer):
         import gevent
         hub = getattr(sock, 'hub', None)
         return hub is None or hub is gevent.get_hub()
+
+
 class _EventletEvent:
     """A resettable event over eventlet's one-shot ``Event``."""
 
@@ -804,21 +799,10 @@ class _EventletEvent:
 class EventletDrainer(GreenDrainer):
     """:class:`GreenDrainer` on eventlet green threads."""
 
-    def spawn(self, fn: Callable[[], Any]) -> Any:
-        """Run ``fn`` in a new green thread (``eventlet.spawn``)."""
-        import eventlet
-        return eventlet.spawn(fn)
-
-    def sleep(self, seconds: float) -> None:
-        """``eventlet.sleep``: yields to other green threads."""
-        import eventlet
-        eventlet.sleep(seconds)
+    library = 'eventlet'
 
     def new_event(self) -> Any:
         return _EventletEvent()
-
-    def thread_ident(self) -> int:
-        return _original_get_ident('eventlet')()
 
     def call_in_thread_of(self, event: Any) -> Callable[[], None]:
         """``event.set`` from its own thread only: eventlet hubs take no calls from other threads,
