@@ -43,9 +43,9 @@ from typing import (TYPE_CHECKING, Any, AsyncIterator, Deque, Dict, List, Option
                     Tuple)
 
 from . import states
-from ._drain import Waiter, fill_values, index_results
-from .backends.asynchronous import READ_SLICE, ErrorMeta, ResultBackendClosed
-from .exceptions import TaskRevokedError, TimeoutError
+from ._drain import Waiter, index_results
+from .backends.asynchronous import READ_SLICE, ResultBackendClosed, wait_outcome
+from .exceptions import TimeoutError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .result import AsyncResult, ResultSet
@@ -296,7 +296,17 @@ class _Batches:
         self.session = _Session(consumer, waiting, timeout) if waiting else None
         self.look_first = timeout is not None and timeout <= 0
 
+    def __aiter__(self) -> '_Batches':
+        return self
+
+    async def __anext__(self) -> Deque[Tuple[str, Any]]:
+        bucket = await self.next()
+        if bucket is None:
+            raise StopAsyncIteration
+        return bucket
+
     async def next(self) -> Optional[Deque[Tuple[str, Any]]]:
+        """The next non-empty batch (the caller empties it), or None when every id was settled."""
         if self.initial:
             return self.initial
         if self.session is None:
@@ -352,23 +362,14 @@ async def wait_result(result: 'AsyncResult', timeout: Optional[float] = None, pr
     by_id = {result.id: [result]}
     batches = _Batches(consumer, by_id, timeout)
     try:
-        while True:
-            bucket = await batches.next()
-            if bucket is None:
-                break
+        async for bucket in batches:
             while bucket:
                 task_id, raw = bucket.popleft()
                 meta = consumer._settle(by_id, task_id, raw)
-            batches.initial = None
     finally:
         batches.close()
     backend.on_result_fulfilled(result)
-    if isinstance(meta, ErrorMeta):  # our own error: raised from what this wait got, never cached
-        error = meta['result']
-        if propagate:
-            raise error
-        return error
-    return result.maybe_throw(propagate=propagate)
+    return wait_outcome(result, meta, propagate)
 
 
 async def _poll_ready(results: Sequence['AsyncResult'],
@@ -394,11 +395,6 @@ async def _poll_ready(results: Sequence['AsyncResult'],
 
 
 # -- result sets -----------------------------------------------------------------------------
-def _raise_for(task_id: str, meta: Meta) -> None:
-    value = meta.get('result')
-    raise value if isinstance(value, BaseException) else TaskRevokedError(task_id)
-
-
 async def join_native(resultset: 'ResultSet', timeout: Optional[float] = None,
                       propagate: bool = True) -> List[Any]:
     """``ResultSet.ajoin_native``: every member's value, in member order."""
@@ -410,27 +406,11 @@ async def join_native(resultset: 'ResultSet', timeout: Optional[float] = None,
     if not (_is_async(backend) and all(type(r) is AsyncResult and r._backend is backend for r in results)):
         return await _join_one_by_one(results, timeout, propagate, ResultSet)
     consumer = backend.result_consumer
-    by_id, positions = index_results(results)
-    values: List[Any] = [None] * len(results)
-    cache = backend._cache
-    sink = cache if cache.limit else None
+    by_id, positions, values, sink = consumer.join_state(results)
     batches = _Batches(consumer, by_id, timeout)
     try:
-        while True:
-            bucket = await batches.next()
-            if bucket is None:
-                break
-            while bucket:
-                item = fill_values(bucket, by_id, positions, values, sink)
-                if item is None:
-                    break
-                task_id, meta = item
-                meta = consumer._settle(by_id, task_id, meta)
-                if propagate and meta.get('status') in states.PROPAGATE_STATES:
-                    _raise_for(task_id, meta)
-                for index in positions[task_id]:
-                    values[index] = meta.get('result')
-            batches.initial = None
+        async for bucket in batches:
+            consumer.fill_bucket(bucket, by_id, positions, values, sink, propagate)
     finally:
         batches.close()
     return values
@@ -498,8 +478,6 @@ class NativeIterator:
                 bucket = await self._batches.next()
                 if bucket is not None:
                     task_id, meta = bucket.popleft()
-                    if bucket is self._batches.initial and not bucket:
-                        self._batches.initial = None
                     return task_id, self._batches.consumer._settle(self._by_id, task_id, meta)
             elif self._poll is not None and not self._finished:
                 return await self._poll.__anext__()

@@ -14,6 +14,7 @@ synchronous waiters.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import sys
@@ -33,7 +34,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ('AsyncBackendMixin', 'BaseResultConsumer', 'Drainer', 'GreenDrainer', 'GeventDrainer',
            'EventletDrainer', 'drainers', 'register_drainer', 'detect_environment', 'error_meta',
-           'ResultBackendClosed')
+           'ResultBackendClosed', 'wait_outcome')
 
 Meta = Dict[str, Any]
 
@@ -75,6 +76,23 @@ def detect_environment() -> str:
         except Exception:  # a library we do not control: treat as unpatched
             continue
     return 'default'
+
+
+def wait_outcome(result: 'AsyncResult', meta: Any, propagate: bool,
+                 callback: Optional[Callable[..., Any]] = None) -> Any:
+    """What a finished wait returns: the value, or the exception (raised when ``propagate``).
+
+    Our own errors (:class:`ErrorMeta`: lost queue, evicted, malformed) come from what
+    this wait got and are never cached; anything else is the result's own state.
+    """
+    if isinstance(meta, ErrorMeta):
+        error = meta['result']
+        if propagate:
+            raise error
+        if callback is not None:
+            callback(result.id, error)
+        return error
+    return result.maybe_throw(callback=callback, propagate=propagate)
 
 
 class ErrorMeta(dict):
@@ -376,28 +394,38 @@ class BaseResultConsumer:
     def join_values(self, results: Sequence['AsyncResult'], timeout: Optional[float] = None,
                     propagate: bool = True, on_message: Optional[Callable[[Meta], Any]] = None,
                     on_interval: Optional[Callable[[], Any]] = None) -> List[Any]:
-        """Every result's value, in member order (the hot path of ``ResultSet.join_native``).
+        """Every result's value, in member order (the hot path of ``ResultSet.join_native``)."""
+        by_id, positions, values, sink = self.join_state(results)
+        for bucket in self._batches(by_id, timeout, on_message, on_interval):
+            self.fill_bucket(bucket, by_id, positions, values, sink, propagate)
+        return values
+
+    def join_state(self, results: Sequence['AsyncResult']) -> Tuple[Dict[str, List['AsyncResult']],
+                                                                     Dict[str, List[int]], List[Any], Any]:
+        """``(by_id, positions, values, sink)`` for a join of ``results`` (sync or asyncio)."""
+        by_id, positions = index_results(results)
+        cache = self.backend._cache
+        return by_id, positions, [None] * len(results), cache if cache.limit else None
+
+    def fill_bucket(self, bucket: Any, by_id: Dict[str, List['AsyncResult']], positions: Dict[str, List[int]],
+                    values: List[Any], sink: Any, propagate: bool) -> None:
+        """Place one batch of ready replies into ``values`` (member order), emptying ``bucket``.
 
         Plain successes are placed by the compiled ``fill_values``; anything else
-        (failures, errors, children) comes back here to be settled one by one.
+        (failures, errors, children) comes back here to be settled one by one, and
+        with ``propagate`` the first failure is raised.
         """
-        by_id, positions = index_results(results)
-        values: List[Any] = [None] * len(results)
-        cache = self.backend._cache
-        sink = cache if cache.limit else None
-        for bucket in self._batches(by_id, timeout, on_message, on_interval):
-            while bucket:
-                item = fill_values(bucket, by_id, positions, values, sink)
-                if item is None:
-                    break
-                task_id, meta = item
-                meta = self._settle(by_id, task_id, meta)
-                value = meta.get('result')
-                if propagate and meta.get('status') in states.PROPAGATE_STATES:
-                    raise value if isinstance(value, BaseException) else TaskRevokedError(task_id)
-                for index in positions[task_id]:
-                    values[index] = value
-        return values
+        while bucket:
+            item = fill_values(bucket, by_id, positions, values, sink)
+            if item is None:
+                break
+            task_id, meta = item
+            meta = self._settle(by_id, task_id, meta)
+            value = meta.get('result')
+            if propagate and meta.get('status') in states.PROPAGATE_STATES:
+                raise value if isinstance(value, BaseException) else TaskRevokedError(task_id)
+            for index in positions[task_id]:
+                values[index] = value
 
     def current_meta(self, result: 'AsyncResult', limit: Optional[int] = 65536) -> Meta:
         """The newest state of ``result`` after reading what already arrived (never blocks)."""
@@ -458,14 +486,7 @@ class AsyncBackendMixin:
                                                        on_interval=on_interval):
             pass
         self.on_result_fulfilled(result)
-        if isinstance(meta, ErrorMeta):  # our own error: raised from what this wait got, never cached
-            error = meta['result']
-            if propagate:
-                raise error
-            if callback is not None:
-                callback(result.id, error)
-            return error
-        return result.maybe_throw(callback=callback, propagate=propagate)
+        return wait_outcome(result, meta, propagate, callback)
 
     def iter_native(self, result: 'ResultSet', timeout: Optional[float] = None, interval: float = 0.5,
                     no_ack: bool = True, on_message: Optional[Callable[[Meta], Any]] = None,
@@ -553,8 +574,22 @@ class GreenDrainer(Drainer):
         return _original_get_ident(self.library)()
 
     def call_in_thread_of(self, event: Any) -> Callable[[], None]:
-        """A ``set`` for ``event`` that any OS thread may call (best effort: waits are sliced anyway)."""
-        return event.set
+        """A ``set`` for ``event`` that any OS thread may call: direct in the thread that made it,
+        through :meth:`set_from_other_threads` elsewhere (best effort: waits are sliced anyway)."""
+        get_ident = self.thread_ident
+        home = get_ident()
+        elsewhere = self.set_from_other_threads(event)
+
+        def set_event() -> None:
+            if get_ident() == home:
+                event.set()
+            elif elsewhere is not None:
+                elsewhere()
+        return set_event
+
+    def set_from_other_threads(self, event: Any) -> Optional[Callable[[], None]]:
+        """How another OS thread sets ``event`` (called in the event's own thread); None: it cannot."""
+        return None
 
     def owns_socket(self, sock: Any) -> bool:
         """Whether the current hub may block on ``sock`` (else it is polled)."""
@@ -753,19 +788,10 @@ class GeventDrainer(GreenDrainer):
         from gevent.event import Event
         return Event()
 
-    def call_in_thread_of(self, event: Any) -> Callable[[], None]:
-        """``event.set`` run on the hub of the thread that made ``event``, from any thread."""
+    def set_from_other_threads(self, event: Any) -> Optional[Callable[[], None]]:
+        """A callback run on the hub of the thread that made ``event``, thread-safely."""
         import gevent
-        loop = gevent.get_hub().loop
-        get_ident = _original_get_ident('gevent')
-        home = get_ident()
-
-        def set_event() -> None:
-            if get_ident() == home:
-                event.set()
-            else:
-                loop.run_callback_threadsafe(event.set)
-        return set_event
+        return functools.partial(gevent.get_hub().loop.run_callback_threadsafe, event.set)
 
     def owns_socket(self, sock: Any) -> bool:
         """gevent sockets wait on the hub that made them: only that hub may block on one."""
@@ -797,20 +823,13 @@ class _EventletEvent:
 
 @register_drainer('eventlet')
 class EventletDrainer(GreenDrainer):
-    """:class:`GreenDrainer` on eventlet green threads."""
+    """:class:`GreenDrainer` on eventlet green threads.
+
+    Eventlet hubs take no calls from other OS threads, so a waiter of another thread
+    notices its reply within :data:`POLL_SLICE` instead of being woken.
+    """
 
     library = 'eventlet'
 
     def new_event(self) -> Any:
         return _EventletEvent()
-
-    def call_in_thread_of(self, event: Any) -> Callable[[], None]:
-        """``event.set`` from its own thread only: eventlet hubs take no calls from other threads,
-        so a waiter of another thread notices within :data:`POLL_SLICE` instead."""
-        get_ident = self.thread_ident
-        home = get_ident()
-
-        def set_event() -> None:
-            if get_ident() == home:
-                event.set()
-        return set_event

@@ -202,13 +202,16 @@ class ResultConsumer(BaseResultConsumer):
                          self.backend.oid, len(lost), detail)
 
     def _recover(self, exc: Optional[BaseException]) -> None:
-        """Drop the broken connection and build a new one (re-declare, re-consume)."""
-        self.reconnects += 1
-        logger.warning('reply consumer for %s lost its connection (%r); reconnecting',
-                       self.backend.oid, exc)
+        """Drop the broken connection and build a new one (re-declare, re-consume).
+
+        Under ``_start_lock``, so ``stop()`` cannot slip in between the check and the reconnect.
+        """
         with self._start_lock:
             if self.closed:  # stop() ran: never reconnect behind it
                 raise ResultBackendClosed() from exc
+            self.reconnects += 1
+            logger.warning('reply consumer for %s lost its connection (%r); reconnecting',
+                           self.backend.oid, exc)
             old, self._connection = self._connection, None
             self._replies = None
             if old is not None:
@@ -254,10 +257,7 @@ class ResultConsumer(BaseResultConsumer):
                 logger.error('unreadable input on the reply connection: %s', exc)
             elif not isinstance(exc, self._connection_errors + (OSError,)):
                 raise
-            with self._start_lock:  # stop() cannot slip in between the check and the reconnect
-                if self.closed:
-                    raise ResultBackendClosed() from exc
-                self._recover(exc)
+            self._recover(exc)
             return True
         finally:
             if self._queue_cancelled and not self.closed:
