@@ -1,9 +1,11 @@
-"""Build the optional Cython speedups; install pure Python when they cannot be built.
+"""Build the compiled twins; install pure Python when they cannot be built.
 
-The compiled twins live in ``_speedups/*.pyx`` and are built into the
-``rpcresults`` package. A missing Cython, a missing compiler or a failing
-compile never fails the install: the pure-Python twins are used instead.
-``RPCRESULTS_NO_EXTENSIONS=1`` at build time skips compiling altogether.
+Each hot-path module under ``rpcresults/protocol/`` is one source, ``_<name>_py.py``,
+that runs as pure Python and that Cython compiles, with the C types of
+``_<name>_c.pxd`` beside it, into the extension ``rpcresults.protocol._<name>_c``.
+A missing Cython, a missing compiler or a failing compile never fails the install:
+the pure-Python twins are used instead (``rpcresults.USING_EXTENSION`` is then
+False). ``RPCRESULTS_NO_EXTENSIONS=1`` at build time skips compiling altogether.
 """
 import glob
 import os
@@ -12,7 +14,7 @@ import sys
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+PROTOCOL = os.path.join('rpcresults', 'protocol')
 
 
 class OptionalBuildExt(build_ext):
@@ -35,11 +37,20 @@ class OptionalBuildExt(build_ext):
         sys.stderr.write(f'WARNING: could not build {what} ({exc}); using the pure-Python implementation\n')
 
 
+def twins():
+    """``(extension name, pure source)`` for every twin that has a ``.pxd``."""
+    for pxd in sorted(glob.glob(os.path.join(PROTOCOL, '_*_c.pxd'))):
+        stem = os.path.basename(pxd)[:-len('_c.pxd')]
+        source = os.path.join(PROTOCOL, f'{stem}_py.py')
+        if os.path.exists(source):
+            yield f'rpcresults.protocol.{stem}_c', source
+
+
 def extensions():
     if os.environ.get('RPCRESULTS_NO_EXTENSIONS'):
         return []
-    sources = sorted(glob.glob(os.path.join('_speedups', '*.pyx')))
-    if not sources:
+    pairs = list(twins())
+    if not pairs:
         return []
     try:
         from Cython.Build import cythonize
@@ -47,15 +58,13 @@ def extensions():
         sys.stderr.write('WARNING: Cython is not installed; installing the pure-Python implementation\n')
         return []
     from setuptools import Extension
-    modules = [
-        Extension(f'rpcresults.{os.path.splitext(os.path.basename(path))[0]}', [path],
-                  extra_compile_args=['-O2'])
-        for path in sources
-    ]
+    modules = [Extension(name, [source], extra_compile_args=['-O2']) for name, source in pairs]
     try:
         return cythonize(modules, language_level=3, quiet=True,
-                         compiler_directives={'boundscheck': False, 'wraparound': False,
-                                              'cdivision': True})
+                         compiler_directives={'boundscheck': False, 'wraparound': False, 'cdivision': True,
+                                              # the .py files carry type hints for readers and mypy;
+                                              # the C types are the .pxd's alone
+                                              'annotation_typing': False})
     except Exception as exc:
         sys.stderr.write(f'WARNING: cythonize failed ({exc}); installing the pure-Python implementation\n')
         return []

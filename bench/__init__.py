@@ -1,6 +1,6 @@
 """Benchmarks of rpcresults against Celery's ``rpc://`` backend, raw py-amqp and a C consumer.
 
-``python -m bench`` (or ``python bench/run.py``) runs the targets P1-P5 of SPEC §5 and prints one
+``python -m bench`` (or ``python bench/run.py``) runs the performance targets P1-P5 and prints one
 table per target; ``pytest bench/ --benchmark-only`` runs the pytest-benchmark cases. Every peer of
 the plain runner runs in its own subprocess (``bench.peers``), so the compiled / pure choice is made
 cleanly by the environment and memory figures are not shared.

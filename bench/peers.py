@@ -248,7 +248,7 @@ def role_pending(config: Dict[str, Any]) -> None:
             results = ResultSet(members, app=app)
             results.backend.add_pending_results(results.results)
             # Whether the documented registration call tracked anything (it is what Celery's
-            # iter_native uses); ready() once is the path that surely does (SPEC §3).
+            # iter_native uses); ready() once is the path that surely does.
             extra['add_pending_results_tracked'] = backend.stats().get('tracked')
             results.ready()
             extra['tracked_after_ready'] = backend.stats().get('tracked')

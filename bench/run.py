@@ -1,4 +1,4 @@
-"""The plain benchmark runner: SPEC §5 targets P1-P5, every peer measured in one run, ratios of that run.
+"""The plain benchmark runner: the performance targets P1-P5, every peer measured in one run, ratios of that run.
 
     python -m bench [--broker URL] [--count N] [--quick] [--only P1,P2,...] [--json PATH]
     python bench/run.py ...

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from . import exceptions, states
-from ._drain import USING_EXTENSION
+from .protocol import USING_EXTENSION
 from .app import App, default_app
 from .exceptions import (BacklogLimitExceeded, ImproperlyConfigured, ReplyQueueLost, ResultBackendClosed,
                          ResultEvicted, ResultNotDelivered, SecurityError, TimeoutError)

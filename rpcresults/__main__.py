@@ -7,6 +7,8 @@ import sys
 from typing import Optional, Sequence
 
 from .app import DEFAULT_BROKER_URL
+from .cli_bench import bench
+from .demo import demo
 
 __all__ = ('main',)
 
@@ -20,6 +22,7 @@ def _common(parser: argparse.ArgumentParser, count: int) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line with ``argv`` (default: ``sys.argv[1:]``); the exit status."""
     parser = argparse.ArgumentParser(prog='rpcresults', description=__doc__)
     sub = parser.add_subparsers(dest='command', required=True)
     demo_parser = sub.add_parser('demo', help='a Client sends calls, a Responder answers, the client joins')
@@ -35,10 +38,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.count < 1 or getattr(args, 'workers', 1) < 1:
         parser.error('--count and --workers must be at least 1')
     if args.command == 'demo':
-        from .demo import demo
         return demo(args.broker, args.count, args.timeout, direct=args.direct, progress=not args.no_progress)
     if args.command == 'bench':
-        from .cli_bench import bench
         return bench(args.broker, args.count, args.workers, args.timeout, args.celery,
                      progress=not args.no_progress)
     return 2  # pragma: no cover - argparse enforces the choices

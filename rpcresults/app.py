@@ -9,14 +9,14 @@ from typing import TYPE_CHECKING, Any, Dict, Iterable, Optional
 
 from kombu import Connection
 
-from . import _fork
+from . import _current, _fork, backends, result
+from ._current import app_or_default, default_app, set_default_app
 from .exceptions import ImproperlyConfigured
 
 if TYPE_CHECKING:  # pragma: no cover
     from .backends.base import Backend
-    from .result import AsyncResult, GroupResult
 
-__all__ = ('App', 'Settings', 'DEFAULTS', 'default_app', 'set_default_app')
+__all__ = ('App', 'Settings', 'DEFAULTS', 'default_app', 'set_default_app', 'app_or_default')
 
 DEFAULT_BROKER_URL = 'amqp://guest:guest@localhost:5672//'
 
@@ -78,7 +78,7 @@ class App:
         url = broker_url or conf.get('broker_url') or os.environ.get('RPCRESULTS_BROKER_URL') or DEFAULT_BROKER_URL
         self.conf['broker_url'] = url
         self._local = _ThreadState()
-        _fork.register(self)
+        _fork.register(self._after_fork)
 
     def __repr__(self) -> str:
         return f'<App {self.conf.broker_url!r} backend={self.conf.result_backend!r}>'
@@ -124,21 +124,18 @@ class App:
 
     def create_backend(self, url: Optional[str] = None) -> 'Backend':
         """A new backend for ``url`` (default ``conf.result_backend``)."""
-        from .backends import by_url
-        cls, target = by_url(url or self.conf.result_backend or 'rpc://')
+        cls, target = backends.by_url(url or self.conf.result_backend or 'rpc://')
         return cls(app=self, url=target)
 
     # -- results -----------------------------------------------------------------------------
-    def AsyncResult(self, id: str, **kwargs: Any) -> 'AsyncResult':
+    def AsyncResult(self, id: str, **kwargs: Any) -> 'result.AsyncResult':
         """A result for task ``id`` bound to this app."""
-        from .result import AsyncResult
-        return AsyncResult(id, app=self, **kwargs)
+        return result.AsyncResult(id, app=self, **kwargs)
 
     def GroupResult(self, id: Optional[str] = None, results: Optional[Iterable[Any]] = None,
-                    **kwargs: Any) -> 'GroupResult':
+                    **kwargs: Any) -> 'result.GroupResult':
         """A group of results with an id, bound to this app."""
-        from .result import GroupResult
-        return GroupResult(id, results, app=self, **kwargs)
+        return result.GroupResult(id, results, app=self, **kwargs)
 
     def now(self) -> datetime:
         """Timezone-aware UTC now, as results are stamped (``date_done``)."""
@@ -169,28 +166,4 @@ class App:
         self.close()
 
 
-_default_lock = threading.Lock()
-_default: Optional[App] = None
-
-
-def default_app() -> App:
-    """The app used by objects built without one (created on first use)."""
-    global _default
-    if _default is None:
-        with _default_lock:
-            if _default is None:
-                _default = App()
-    return _default
-
-
-def set_default_app(app: Optional[App]) -> None:
-    """Replace the default app (``None`` forgets it so the next use builds a new one)."""
-    global _default
-    _default = app
-
-
-def app_or_default(app: Optional[App]) -> App:
-    """``app`` itself, else the default app."""
-    return app if app is not None else default_app()
-
-
+_current.set_app_type(App)

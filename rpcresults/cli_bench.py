@@ -17,6 +17,10 @@ import uuid
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Type
 
 from ._cli_util import Progress, broker_problem, print_table
+from .app import App
+from .client import Client
+from .responder import Responder
+from .result import ResultSet
 
 __all__ = ('bench', 'HEADERS')
 
@@ -28,7 +32,6 @@ HEADERS = ['client', 'count', 'correct', 'seconds', 'results/s', 'client CPU us/
 
 def _publish(broker: str, reply_to: str, task_ids: Sequence[str], offset: int) -> None:
     """One publisher process: a SUCCESS for each id, to ``reply_to``."""
-    from .app import App
     app = App(broker)
     backend = app.create_backend('rpc://')
     try:
@@ -80,8 +83,6 @@ def _measure(name: str, join: Callable[[Callable[[], None]], List[Any]], counter
 
 
 def _rpcresults_row(broker: str, count: int, workers: int, timeout: float, progress: bool) -> Tuple:
-    from .app import App
-    from .result import ResultSet
     app = App(broker, result_reply_queue_expires=60)
     backend = app.backend
     try:
@@ -126,8 +127,6 @@ def _celery_row(broker: str, count: int, workers: int, timeout: float, progress:
 
 def _respond(broker: str, queue: str) -> None:
     """One responder process: answer each call with its payload until terminated."""
-    from .app import App
-    from .responder import Responder
     responder = Responder(App(broker), queue, _echo, prefetch=256, expires=RESPONDER_QUEUE_EXPIRES)
     responder.run_forever()
 
@@ -137,10 +136,6 @@ def _echo(payload: Any) -> Any:
 
 
 def _round_trip_row(broker: str, count: int, workers: int, timeout: float, progress: bool) -> Tuple:
-    from .app import App
-    from .client import Client
-    from .responder import Responder
-    from .result import ResultSet
     name = 'rpcresults call→Responder'
     queue = f'rpcresults-bench-{uuid.uuid4().hex[:12]}'
     app = App(broker, result_reply_queue_expires=60)

@@ -31,7 +31,7 @@ import kombu
 import kombu.exceptions
 
 from . import _fork
-from ._consume import detach_after_fork
+from .engine.channel import detach_after_fork
 from .app import App, app_or_default
 from .result import AsyncResult
 
@@ -109,7 +109,7 @@ class Client:
         self._connection: Any = None
         self._producer: Any = None
         self._declared: set = set()  # queues known to exist (on this connection)
-        _fork.register(self)
+        _fork.register(self._after_fork)
 
     def _after_fork(self) -> None:
         """In a forked child: let go of the parent's publishing connection without touching its socket."""

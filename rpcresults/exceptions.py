@@ -7,8 +7,8 @@ from typing import Iterable, Tuple
 
 __all__ = (
     'RPCResultsError', 'TimeoutError', 'BacklogLimitExceeded', 'SecurityError',
-    'ReplyQueueLost', 'ResultEvicted', 'ImproperlyConfigured', 'NotRegistered',
-    'IncompleteStream', 'ChordError', 'TaskRevokedError', 'MalformedResult',
+    'ReplyQueueLost', 'ResultEvicted', 'ImproperlyConfigured',
+    'IncompleteStream', 'TaskRevokedError', 'MalformedResult', 'FrameError',
     'ContentDisallowed', 'ResultNotDelivered', 'ResultBackendClosed',
 )
 
@@ -41,16 +41,12 @@ class ImproperlyConfigured(RPCResultsError):
     """The configuration is invalid or incomplete."""
 
 
-class NotRegistered(RPCResultsError, KeyError):
-    """A name was looked up in a registry that does not hold it."""
+class FrameError(RPCResultsError):
+    """The byte stream is not valid AMQP for us: oversized, malformed or out-of-order frames."""
 
 
 class IncompleteStream(RPCResultsError):
     """The stream ended in the middle of a frame."""
-
-
-class ChordError(RPCResultsError):
-    """A chord could not be completed."""
 
 
 class TaskRevokedError(RPCResultsError):

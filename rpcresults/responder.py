@@ -47,7 +47,7 @@ import kombu
 import kombu.exceptions
 
 from . import _fork, serialization
-from ._consume import detach_after_fork
+from .engine.channel import detach_after_fork
 from .app import App, app_or_default
 from .backends.rpc import RPCBackend
 
@@ -183,7 +183,7 @@ class Responder:
         probe = self.app.connection()
         self._recoverable: Tuple[type, ...] = (tuple(probe.connection_errors) + tuple(probe.channel_errors)
                                                + (OSError, kombu.exceptions.OperationalError))
-        _fork.register(self)
+        _fork.register(self._after_fork)
 
     def _after_fork(self) -> None:
         """In a forked child: let go of the parent's connections (never touching its sockets)."""

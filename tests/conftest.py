@@ -12,6 +12,7 @@ import pytest
 from rpcresults import App, Client
 from rpcresults.app import set_default_app
 from tests.proxy import TcpProxy
+from tests.twins import TWINS, Twin
 
 BROKER_URL = os.environ.get('RPCRESULTS_BROKER_URL', 'amqp://guest:guest@localhost:5672//')
 REDIS_URL = os.environ.get('RPCRESULTS_REDIS_URL', 'redis://127.0.0.1:6379/15')
@@ -133,9 +134,19 @@ def publish(raw):
     return send
 
 
+@pytest.fixture(params=TWINS)
+def twin(request: pytest.FixtureRequest) -> Twin:
+    """One implementation of the protocol layer (pure, then compiled): its frames and table modules."""
+    return Twin(request.param)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
-    """With ``RPCRESULTS_NO_EXTENSIONS`` set, the compiled-twin cases are deselected, not skipped:
-    CI runs them in its other pass, and this pass reports only what it really tests."""
+    """Tests on the ``twin`` fixture carry the ``twins`` marker. With ``RPCRESULTS_NO_EXTENSIONS``
+    set, the compiled-twin cases are deselected, not skipped: CI runs them in its other pass, and
+    this pass reports only what it really tests."""
+    for item in items:
+        if 'twin' in getattr(item, 'fixturenames', ()):
+            item.add_marker(pytest.mark.twins)
     if not os.environ.get('RPCRESULTS_NO_EXTENSIONS'):
         return
     compiled = [item for item in items

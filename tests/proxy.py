@@ -13,6 +13,7 @@ pair that was live is closed.
         proxy.cut()      # close every live pair; keep listening, reconnects work
         proxy.pause()    # accept, then close at once (the client cannot get through)
         proxy.resume()   # forward again
+        proxy.black_hole()  # accept, then never answer (a broker that hangs); resume() ends it
         proxy.stall()    # live pairs keep reading but write nothing: bytes pile up here
         proxy.held()     # how many bytes are held (a cut drops them, as a dead network would)
 
@@ -113,8 +114,11 @@ class TcpProxy:
         self.port = 0
         self.accepted = 0   # connections forwarded upstream
         self.refused = 0    # connections accepted and closed at once while paused
+        self.swallowed = 0  # connections accepted and never answered while black-holed
         self.cuts = 0
         self._paused = False
+        self._black_hole = False
+        self._swallowed: List[socket.socket] = []
         self._listener: Optional[socket.socket] = None
         self._selector: Optional[selectors.BaseSelector] = None
         self._pairs: List[_Pair] = []
@@ -177,8 +181,13 @@ class TcpProxy:
         """Accept new connections and close them at once (refuse service) until ``resume()``."""
         self._control('pause')
 
+    def black_hole(self) -> None:
+        """Accept new connections and never answer them (no byte back, no close) until ``resume()``:
+        to the client, a broker that hangs during the handshake."""
+        self._control('black_hole')
+
     def resume(self) -> None:
-        """Forward new connections again."""
+        """Forward new connections again (the swallowed ones are closed)."""
         self._control('resume')
 
     def stall(self) -> int:
@@ -261,8 +270,14 @@ class TcpProxy:
                 result = len(pairs)
             elif command == 'pause':
                 self._paused = True
+            elif command == 'black_hole':
+                self._black_hole = True
             elif command == 'resume':
                 self._paused = False
+                self._black_hole = False
+                for sock in self._swallowed:
+                    _hard_close(sock)
+                self._swallowed.clear()
             elif command in ('stall', 'unstall'):
                 with self._lock:
                     pairs = list(self._pairs)
@@ -343,6 +358,10 @@ class TcpProxy:
             if self._paused:
                 self.refused += 1
                 _hard_close(client)
+                continue
+            if self._black_hole:
+                self.swallowed += 1
+                self._swallowed.append(client)  # kept open, never read: the client waits in vain
                 continue
             try:
                 upstream = socket.create_connection(self.target, timeout=self.connect_timeout)
@@ -458,6 +477,9 @@ class TcpProxy:
             pairs = list(self._pairs)
         for pair in pairs:
             self._close_pair(pair)
+        for sock in self._swallowed:
+            _hard_close(sock)
+        self._swallowed.clear()
         for sock in (self._listener, self._wake_r, self._wake_w):
             if sock is not None:
                 try:

@@ -1,9 +1,10 @@
 """Which twin of a hot-path module a test runs on: the pure-Python one or the compiled one.
 
-Every hot-path module has two twins of identical behaviour: ``rpcresults/_<stem>_py.py``
-(pure Python, the readable reference) and ``rpcresults._<stem>_c`` (built by Cython from
-``_speedups/_<stem>_c.pyx``). Test fixtures are parametrized over ``TWINS`` and call
-:func:`load_twin`, so the same tests run on both.
+Every hot-path module of the protocol layer is one source, ``rpcresults/protocol/_<stem>_py.py``:
+as it is, it is the pure-Python twin; compiled by Cython (typed by ``_<stem>_c.pxd``) it is
+``rpcresults.protocol._<stem>_c``. The ``twin`` fixture (conftest) is parametrized over ``TWINS``
+and loads both modules of a twin through :func:`load_twin`, so the same tests run on both; tests
+that use it carry the ``twins`` marker.
 
 A compiled twin that cannot be imported is a loud failure, never a silent skip: a broken
 or missing build must not pass as green. The one exception is a run with
@@ -18,10 +19,12 @@ from types import ModuleType
 
 import pytest
 
-__all__ = ('TWINS', 'NO_EXTENSIONS_VAR', 'BUILD_HINT', 'load_twin', 'module_name')
+__all__ = ('TWINS', 'STEMS', 'NO_EXTENSIONS_VAR', 'BUILD_HINT', 'Twin', 'load_twin', 'module_name')
 
 #: The fixture params, in order.
 TWINS = ('pure', 'compiled')
+#: The twinned modules: ``rpcresults/protocol/_<stem>_py.py``.
+STEMS = ('frames', 'table')
 
 NO_EXTENSIONS_VAR = 'RPCRESULTS_NO_EXTENSIONS'
 
@@ -31,16 +34,16 @@ BUILD_HINT = ('build it with `pip install -e .` (from the project root, in an en
 
 
 def module_name(kind: str, module_stem: str) -> str:
-    """``rpcresults._<stem>_py`` for 'pure', ``rpcresults._<stem>_c`` for 'compiled'."""
+    """``rpcresults.protocol._<stem>_py`` for 'pure', ``rpcresults.protocol._<stem>_c`` for 'compiled'."""
     if kind == 'pure':
-        return f'rpcresults._{module_stem}_py'
+        return f'rpcresults.protocol._{module_stem}_py'
     if kind == 'compiled':
-        return f'rpcresults._{module_stem}_c'
+        return f'rpcresults.protocol._{module_stem}_c'
     raise ValueError(f'unknown twin {kind!r}; expected one of {TWINS}')
 
 
 def load_twin(kind: str, module_stem: str) -> ModuleType:
-    """The module of twin ``kind`` ('pure' or 'compiled') of ``rpcresults._<module_stem>_*``.
+    """The module of twin ``kind`` ('pure' or 'compiled') of ``rpcresults.protocol._<module_stem>_*``.
 
     'compiled' skips when ``RPCRESULTS_NO_EXTENSIONS`` is set and fails (with how to
     build the extension) when the extension cannot be imported.
@@ -63,3 +66,15 @@ def load_twin(kind: str, module_stem: str) -> ModuleType:
                         f'extension; {BUILD_HINT}', pytrace=False)
         return module
     return importlib.import_module(name)
+
+
+class Twin:
+    """One implementation of the protocol layer: ``kind`` and its ``frames`` and ``table`` modules."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.frames = load_twin(kind, 'frames')
+        self.table = load_twin(kind, 'table')
+
+    def __repr__(self) -> str:
+        return f'<Twin {self.kind}>'

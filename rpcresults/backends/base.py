@@ -8,19 +8,20 @@ onto get/mget/set/delete/incr/expire; ``DisabledBackend`` refuses every read.
 from __future__ import annotations
 
 import logging
-import threading
-import time
-from collections import OrderedDict
 from datetime import timedelta
-from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional,
-                    Sequence, Set, Tuple)
+from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Mapping, Optional,
+                    Sequence, Set)
 
 from .. import serialization, states
-from ..app import App, app_or_default
+from .._current import app_or_default
 from ..exceptions import ImproperlyConfigured, TaskRevokedError, TimeoutError
+from ..result import ResultBase, result_from_tuple
+from .cache import LRUCache
+from .waiting import SyncBackendMixin
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..result import AsyncResult, GroupResult, ResultSet
+    from ..app import App
+    from ..result import AsyncResult, GroupResult
 
 __all__ = ('Backend', 'BaseBackend', 'SyncBackendMixin', 'KeyValueStoreBackend', 'DisabledBackend',
            'request_field', 'E_NO_BACKEND')
@@ -58,46 +59,6 @@ def request_field(request: Any, name: str, default: Any = None) -> Any:
     return default
 
 
-class _LRUCache:
-    """A small thread-safe LRU of final metas; ``limit`` < 0 means unbounded, 0 disables it."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._data: 'OrderedDict[str, Meta]' = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: str) -> Optional[Meta]:
-        with self._lock:
-            value = self._data.get(key)
-            if value is not None:
-                self._data.move_to_end(key)
-            return value
-
-    def __setitem__(self, key: str, value: Meta) -> None:
-        if self.limit == 0:
-            return
-        with self._lock:
-            self._data[key] = value
-            self._data.move_to_end(key)
-            if self.limit > 0:
-                while len(self._data) > self.limit:
-                    self._data.popitem(last=False)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._data
-
-    def pop(self, key: str, default: Any = None) -> Any:
-        with self._lock:
-            return self._data.pop(key, default)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._data.clear()
-
-    def __len__(self) -> int:
-        return len(self._data)
-
-
 class Backend:
     """Base class of every result backend (Celery's ``celery.backends.base.Backend``)."""
 
@@ -117,7 +78,7 @@ class Backend:
 
     retry_policy = {'max_retries': 20, 'interval_start': 0, 'interval_step': 1, 'interval_max': 1}
 
-    def __init__(self, app: Optional[App] = None, serializer: Optional[str] = None,
+    def __init__(self, app: Optional['App'] = None, serializer: Optional[str] = None,
                  max_cached_results: Optional[int] = None, accept: Optional[Iterable[str]] = None,
                  expires: Any = None, expires_type: Optional[Callable[[float], Any]] = None,
                  url: Optional[str] = None, **kwargs: Any) -> None:
@@ -130,10 +91,9 @@ class Backend:
             conf.result_accept_content if accept is None else list(accept))
         cmax = conf.result_cache_max if max_cached_results is None else max_cached_results
         # Celery's meaning: -1 disables the cache, 0 or None mean no limit.
-        self._cache = _LRUCache(0 if cmax == -1 else (-1 if not cmax else cmax))
+        self._cache = LRUCache(0 if cmax == -1 else (-1 if not cmax else cmax))
         self.expires = self.prepare_expires(expires, expires_type)
         self.url = url
-        self._pending_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f'<{type(self).__name__}: {self.as_uri()}>'
@@ -162,7 +122,6 @@ class Backend:
 
     def prepare_value(self, result: Any) -> Any:
         """A result value as it travels: result objects become their tuples."""
-        from ..result import ResultBase
         if isinstance(result, ResultBase):
             return result.as_tuple()
         return result
@@ -293,6 +252,19 @@ class Backend:
         raise NotImplementedError(f'{type(self).__name__} does not store results')
 
     # -- client side -------------------------------------------------------------------------
+    @property
+    def caches_finals(self) -> bool:
+        """Whether final metas are kept in this client's result cache (``result_cache_max``)."""
+        return self._cache.limit != 0
+
+    def cache_final(self, task_id: str, meta: Meta) -> None:
+        """Keep ``task_id``'s final meta in the result cache (when it is enabled)."""
+        self._cache[task_id] = meta
+
+    def cached_final(self, task_id: str) -> Optional[Meta]:
+        """``task_id``'s final meta from the result cache, else None."""
+        return self._cache.get(task_id)
+
     def is_cached(self, task_id: str) -> bool:
         """Whether ``task_id``'s final meta is in this client's cache (reads then skip the store)."""
         return task_id in self._cache
@@ -346,24 +318,6 @@ class Backend:
 
     def _forget(self, task_id: str) -> None:
         raise NotImplementedError(f'{type(self).__name__} does not support forget()')
-
-    def wait_for(self, task_id: str, timeout: Optional[float] = None, interval: float = 0.5,
-                 no_ack: bool = True, on_interval: Optional[Callable[[], Any]] = None) -> Meta:
-        """Poll until ``task_id`` is ready or ``timeout`` passes (``TimeoutError``)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            meta = self.get_task_meta(task_id)
-            if meta.get('status') in self.READY_STATES:
-                return meta
-            if on_interval is not None:
-                on_interval()
-            if deadline is not None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError(f'the operation timed out waiting for {task_id}')
-                time.sleep(min(interval, remaining))
-            else:
-                time.sleep(interval)
 
     def on_task_call(self, producer: Any, task_id: str) -> None:
         """Called before a request is published (the RPC backend declares its reply queue)."""
@@ -427,102 +381,6 @@ class Backend:
     def stats(self) -> Dict[str, int]:
         """Counters a user can read; polling backends have only the cache size."""
         return {'cached': len(self._cache)}
-
-
-class SyncBackendMixin:
-    """Joins for backends that are polled (no consumer)."""
-
-    #: Waiting is driven by polling, not by a consumer.
-    is_async = False
-
-    def add_pending_result(self, result: 'AsyncResult', weak: bool = False) -> 'AsyncResult':
-        """Nothing to register for polled backends."""
-        return result
-
-    def remove_pending_result(self, result: 'AsyncResult') -> 'AsyncResult':
-        """Nothing to unregister for polled backends."""
-        return result
-
-    def iter_native(self, result: 'ResultSet', timeout: Optional[float] = None, interval: float = 0.5,
-                    no_ack: bool = True, on_message: Optional[Callable[[Meta], Any]] = None,
-                    on_interval: Optional[Callable[[], Any]] = None) -> Iterator[Tuple[str, Any]]:
-        """``(task_id, meta)`` for every member as it becomes ready."""
-        from ..result import ResultSet
-        task_ids: Set[str] = set()
-        for member in result.results:
-            if isinstance(member, ResultSet):
-                yield member.id, member.results  # type: ignore[attr-defined]
-            else:
-                task_ids.add(member.id)
-        yield from self.get_many(task_ids, timeout=timeout, interval=interval, no_ack=no_ack,
-                                 on_message=on_message, on_interval=on_interval)
-
-    def get_many(self, task_ids: Iterable[str], timeout: Optional[float] = None, interval: float = 0.5,
-                 no_ack: bool = True, on_message: Optional[Callable[[Meta], Any]] = None,
-                 on_interval: Optional[Callable[[], Any]] = None,
-                 max_iterations: Optional[int] = None,
-                 READY_STATES: frozenset = states.READY_STATES) -> Iterator[Tuple[str, Meta]]:
-        """Poll until every id is ready; yields ``(id, meta)`` as each one is (cached ones first)."""
-        ids = list(dict.fromkeys(task_ids))
-        remaining: Set[str] = set(ids)
-        cache = self._cache  # type: ignore[attr-defined]
-        for task_id in ids:
-            cached = cache.get(task_id)
-            if cached is not None and cached.get('status') in READY_STATES:
-                remaining.discard(task_id)
-                yield task_id, cached
-        deadline = None if timeout is None else time.monotonic() + timeout
-        iterations = 0
-        while remaining:
-            for task_id, meta in self._poll_round(remaining).items():
-                if on_message is not None:
-                    on_message(meta)
-                if meta.get('status') in READY_STATES:
-                    cache[task_id] = meta
-                    remaining.discard(task_id)
-                    yield task_id, meta
-            if not remaining:
-                return
-            iterations += 1
-            if max_iterations is not None and iterations >= max_iterations:
-                return
-            if on_interval is not None:
-                on_interval()
-            _sleep_until(deadline, interval)
-
-    def _poll_round(self, task_ids: Set[str]) -> Dict[str, Meta]:
-        """One polling round: the current meta of each id (stores with a bulk read override this)."""
-        return {task_id: self.get_task_meta(task_id, cache=False)  # type: ignore[attr-defined]
-                for task_id in list(task_ids)}
-
-    def wait_for_pending(self, result: 'AsyncResult', timeout: Optional[float] = None,
-                         interval: float = 0.5, no_ack: bool = True,
-                         on_message: Optional[Callable[[Meta], Any]] = None,
-                         on_interval: Optional[Callable[[], Any]] = None,
-                         callback: Optional[Callable[..., Any]] = None, propagate: bool = True) -> Any:
-        """Block until ``result`` is ready by polling, then return (or raise) its value."""
-        meta = self.wait_for(result.id, timeout=timeout, interval=interval,  # type: ignore[attr-defined]
-                             on_interval=on_interval, no_ack=no_ack)
-        if on_message is not None:
-            on_message(meta)
-        result._maybe_set_cache(meta)
-        return result.maybe_throw(propagate=propagate, callback=callback)
-
-    def add_pending_results(self, results: Sequence['AsyncResult'], weak: bool = False) -> None:
-        """Nothing to register for polled backends."""
-
-    def remove_pending_results(self, results: Sequence['AsyncResult']) -> None:
-        """Nothing to unregister for polled backends."""
-
-
-def _sleep_until(deadline: Optional[float], interval: float) -> None:
-    if deadline is None:
-        time.sleep(interval)
-        return
-    remaining = deadline - time.monotonic()
-    if remaining <= 0:
-        raise TimeoutError('the operation timed out')
-    time.sleep(min(interval, remaining))
 
 
 class BaseBackend(Backend, SyncBackendMixin):
@@ -615,7 +473,7 @@ class KeyValueStoreBackend(BaseBackend):
         return {self._strip_prefix(key): self.decode_result(value)
                 for key, value in zip(keys, values) if value}
 
-    def _poll_round(self, task_ids: Set[str]) -> Dict[str, Meta]:
+    def poll_round(self, task_ids: Set[str]) -> Dict[str, Meta]:
         """One ``mget`` for every id still waited for."""
         keys = [self.get_key_for_task(task_id) for task_id in task_ids]
         return self._mget_to_results(self.mget(keys), keys)
@@ -628,7 +486,6 @@ class KeyValueStoreBackend(BaseBackend):
         payload = self.get(self.get_key_for_group(group_id))
         if not payload:
             return None
-        from ..result import result_from_tuple
         meta = dict(self.decode(payload))
         meta['result'] = result_from_tuple(meta['result'], self.app)
         return meta
@@ -640,9 +497,9 @@ class KeyValueStoreBackend(BaseBackend):
 class DisabledBackend(BaseBackend):
     """No result backend: workers store nothing, and every read says so clearly."""
 
-    _cache = _LRUCache(0)
+    _cache = LRUCache(0)
 
-    def __init__(self, app: Optional[App] = None, **kwargs: Any) -> None:
+    def __init__(self, app: Optional['App'] = None, **kwargs: Any) -> None:
         self.app = app_or_default(app)
         self.url = 'disabled://'
         self.serializer = 'json'
@@ -654,6 +511,7 @@ class DisabledBackend(BaseBackend):
         return None
 
     def ensure_chords_allowed(self) -> None:
+        """Refuse chords: without a backend nothing can count their parts."""
         raise NotImplementedError(E_NO_BACKEND)
 
     def _is_disabled(self, *args: Any, **kwargs: Any) -> Any:
@@ -662,10 +520,12 @@ class DisabledBackend(BaseBackend):
 
     get_task_meta = get_state = get_status = get_result = get_traceback = _is_disabled  # type: ignore
     get_children = wait_for = get_many = wait_for_pending = iter_native = _is_disabled  # type: ignore
+    join_values = await_pending = ajoin_values = aiter_ready = _is_disabled  # type: ignore
     reload_task_result = forget = _is_disabled  # type: ignore
     save_group = restore_group = delete_group = get_group_meta = _is_disabled  # type: ignore
 
     def as_uri(self, include_password: bool = False) -> str:
+        """Always ``disabled://``."""
         return 'disabled://'
 
 

@@ -24,23 +24,21 @@ Constraints, by RabbitMQ's design:
 from __future__ import annotations
 
 import logging
-import threading
-import time
-import uuid
-from typing import TYPE_CHECKING, Any, Dict, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Set, Tuple
 
 import kombu
-import kombu.exceptions
 
-from .._consume import AmqpReplyChannel, ReplyChannel, wait_readable
-from ..exceptions import ImproperlyConfigured, ReplyQueueLost
-from .asynchronous import error_meta
-from .rpc import DIRECT_REPLY_TO, ResultConsumer, RPCBackend
+from .._meta import error_meta
+from ..engine.channel import ReplyChannel
+from ..engine.connection import ReplyQueue
+from ..engine.publish import DIRECT_REPLY_TO
+from ..exceptions import ImproperlyConfigured
+from .rpc import ResultConsumer, RPCBackend
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..result import AsyncResult
 
-__all__ = ('DirectReplyBackend', 'DirectResultConsumer', 'DIRECT_REPLY_QUEUE')
+__all__ = ('DirectReplyBackend', 'DirectResultConsumer', 'DIRECT_REPLY_QUEUE', 'DirectReplyQueue')
 
 logger = logging.getLogger(__name__)
 
@@ -70,76 +68,54 @@ def publish_without_reads(raw: Any) -> None:
         raw.client_properties = dict(properties, capabilities=capabilities)
 
 
-class _DirectReplyChannel(AmqpReplyChannel):
-    """The py-amqp adapter consuming the pseudo-queue without acks (RabbitMQ refuses acks there)."""
+class DirectReplyQueue(ReplyQueue):
+    """The pseudo-queue: nothing to declare, no acks; after a reconnect every pending reply is lost."""
 
     no_ack = True
 
-    def flush_acks(self) -> None:
-        self.acked += self.unacked  # no_ack: the broker forgot them when it sent them
-        self.unacked = 0
+    def __init__(self) -> None:
+        super().__init__(lambda: kombu.Queue(DIRECT_REPLY_QUEUE))
+
+    @property
+    def name(self) -> str:
+        """Always ``amq.rabbitmq.reply-to``."""
+        return DIRECT_REPLY_QUEUE
+
+    def check(self, connection: kombu.Connection) -> None:
+        """Refuse a broker that is not RabbitMQ (only it has the pseudo-queue)."""
+        if getattr(connection.transport, 'driver_type', None) != 'amqp':
+            raise ImproperlyConfigured('direct reply-to (rpc+direct://) needs a RabbitMQ broker (amqp://)')
+
+    def setup(self, connection: kombu.Connection, channel: Any, reconnect: bool) -> Tuple[Any, Optional[str]]:
+        """Nothing to declare; after a reconnect every reply in flight was lost."""
+        publish_without_reads(channel.connection)
+        return channel, E_LOST if reconnect else None
+
+    def consume_again(self, replies: ReplyChannel, tag: str) -> str:
+        """Consume the pseudo-queue again; every reply in flight was lost."""
+        replies.consume(DIRECT_REPLY_QUEUE, tag)
+        return 'the broker cancelled the direct reply-to consumer'
+
+    def report_lost(self, table: Any, error: Callable[[list], BaseException]) -> list:
+        """Fail every pending id for good: unlike a reply queue, nothing can still deliver it."""
+        lost = table.fail_pending(error)
+        for task_id in lost:  # later waits fail at once too, instead of waiting for nothing
+            table.deliver(task_id, error_meta(task_id, error([task_id])))
+        return lost  # type: ignore[no-any-return]
 
 
 class DirectResultConsumer(ResultConsumer):
     """Consumes ``amq.rabbitmq.reply-to`` on one channel that also carries the requests.
 
-    Locks, always taken in this order: the drainer's leader lock (reading), ``_start_lock``
-    (connecting, recovering, and tracking + publishing a request, so that a reconnect fails
-    exactly the ids whose requests went out on the old channel), ``write_lock`` (any write
-    on the connection: requests and heartbeats).
+    A request is tracked and published under the connection's ``lock`` (so that a
+    reconnect fails exactly the ids whose requests went out on the old channel), and
+    written under its ``write_lock`` (see the lock order in
+    :mod:`rpcresults.engine.connection`).
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.write_lock = threading.RLock()
+    def __init__(self, backend: 'DirectReplyBackend', app: Any, accept: Any, table: Any) -> None:
+        super().__init__(backend, app, accept, table, DirectReplyQueue())
 
-    @property
-    def channel(self) -> Any:
-        """The channel consuming the pseudo-queue (requests must go out on it); None when not connected."""
-        replies = self._replies
-        return replies.channel if replies is not None else None
-
-    def _open_connection(self) -> Any:
-        if getattr(self.app.connection().transport, 'driver_type', None) != 'amqp':
-            raise ImproperlyConfigured('direct reply-to (rpc+direct://) needs a RabbitMQ broker (amqp://)')
-        return super()._open_connection()
-
-    def _connect(self, reconnect: bool) -> None:
-        connection = self._open_connection()
-        channel = connection.channel()
-        publish_without_reads(channel.connection)
-        replies: ReplyChannel = _DirectReplyChannel(channel, self.table, self._on_cancel)
-        self._consumer_tag = f'rpcresults-direct-{uuid.uuid4()}'
-        replies.consume(DIRECT_REPLY_QUEUE, self._consumer_tag)
-        self._attach(connection, replies)
-        if reconnect:
-            self._report_lost(E_LOST)
-
-    def _report_lost(self, detail: str) -> None:
-        """Fail every pending id, for good: unlike a reply queue, nothing can still deliver it."""
-        self.queues_lost += 1
-        lost = self.table.fail_pending(lambda ids: ReplyQueueLost(ids, detail))
-        for task_id in lost:  # later waits fail at once too, instead of waiting for nothing
-            self.table.deliver(task_id, error_meta(task_id, ReplyQueueLost([task_id], detail)))
-        if lost:
-            logger.error('direct reply-to consumer lost its channel with %d result(s) pending: %s',
-                         len(lost), detail)
-
-    def _consume_again(self, replies: ReplyChannel) -> None:
-        with self._start_lock, self.write_lock:
-            replies.consume(DIRECT_REPLY_QUEUE, f'rpcresults-direct-{uuid.uuid4()}')
-            self._report_lost('the broker cancelled the direct reply-to consumer')
-
-    def _heartbeat_check(self, connection: Any) -> None:
-        # only the write under write_lock: _recover takes _start_lock, never taken while holding it
-        with self.write_lock:
-            connection.heartbeat_check()
-
-    def on_after_fork(self) -> None:
-        super().on_after_fork()
-        self.write_lock = threading.RLock()
-
-    # -- publishing --------------------------------------------------------------------------
     def service_idle_connection(self) -> None:
         """Connect if needed; when nobody is reading, handle what arrived and send a heartbeat if due.
 
@@ -148,47 +124,46 @@ class DirectResultConsumer(ResultConsumer):
         before a new request is tracked and sent, instead of sending into a dead socket.
         """
         self.start()
-        if time.monotonic() < self._heartbeat_due and not wait_readable(self.reply_socket(), 0):
-            return
-        self.drainer.drain_now()  # does nothing when another thread is reading: it does this itself
+        if self.connection.needs_service():
+            self.read_now()  # does nothing when another thread is reading: it does this itself
 
     def publish(self, backend: 'DirectReplyBackend', body: Any, routing_key: str, exchange: str,
                 result: Optional['AsyncResult'], options: Dict[str, Any]) -> None:
         """Track ``result`` and publish the request on the consuming channel, as one step."""
-        with self._start_lock:  # no reconnect (which fails pending ids) between tracking and publishing
+        connection = self.connection
+        with connection.lock:  # no reconnect (which fails pending ids) between tracking and publishing
             self.start()
-            replies = self._replies
-            if replies is None:  # pragma: no cover  (start() connects or raises)
+            channel = connection.channel
+            if channel is None:  # pragma: no cover  (start() connects or raises)
                 raise ConnectionError('the direct reply-to consumer is not connected')
             if result is not None:
                 backend.add_pending_result(result)
             try:
-                with self.write_lock:
-                    backend.producer_for(replies.channel).publish(
+                with connection.write_lock:
+                    backend.producer_for(channel).publish(
                         body, routing_key=routing_key, exchange=exchange, retry=False, **options)
                 return
-            except self._connection_errors + (OSError, kombu.exceptions.OperationalError) as exc:
+            except connection.recoverable() as exc:
                 error: BaseException = exc
-        self._recover_after_failed_publish(replies, error)
+        self._recover_after_failed_publish(channel, error)
         raise error
 
-    def _recover_after_failed_publish(self, replies: ReplyChannel, exc: BaseException) -> None:
+    def _recover_after_failed_publish(self, channel: Any, exc: BaseException) -> None:
         """Reconnect now when nobody is reading (a reader notices the dead connection itself)."""
-        leader = self.drainer._leader
-        if not leader.acquire(blocking=False):
+        if not self.election.try_lead():
             return
+        connection = self.connection
         try:
-            with self._start_lock:
-                if self._replies is replies and not self.closed:
-                    self._recover(exc)
+            with connection.lock:
+                if connection.channel is channel and not connection.closed:
+                    connection.recover(exc, None)
         except Exception:  # the caller gets the publish error; the next request tries again
             logger.debug('could not reconnect after a failed request', exc_info=True)
         finally:
-            leader.release()
-            self.drainer._wake_sleepers()
+            self.election.resign()
 
     def stats(self) -> Dict[str, int]:
-        """``ResultConsumer.stats`` with ``acked`` always 0: direct reply-to consumes with ``no_ack``."""
+        """The consumer's counters with ``acked`` always 0: direct reply-to consumes with ``no_ack``."""
         counters = super().stats()
         counters['acked'] = 0
         return counters
@@ -205,6 +180,7 @@ class DirectReplyBackend(RPCBackend):
         self._request_producer: Optional[Tuple[Any, kombu.Producer]] = None  # (channel, producer)
 
     def reply_properties(self, task_id: str) -> Dict[str, str]:
+        """Requests carry the pseudo-queue as ``reply_to``; the broker rewrites it per channel."""
         return {'reply_to': DIRECT_REPLY_QUEUE, 'correlation_id': task_id}
 
     def on_task_call(self, producer: Any, task_id: str) -> None:
@@ -251,4 +227,5 @@ class DirectReplyBackend(RPCBackend):
         self._known_exchanges.add(exchange)
 
     def as_uri(self, include_password: bool = True) -> str:
+        """Always ``rpc+direct://``."""
         return 'rpc+direct://'

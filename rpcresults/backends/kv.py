@@ -9,15 +9,17 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-import os
 import threading
 import time
-from typing import Any, Dict, FrozenSet, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, FrozenSet, List, Optional, Sequence, Tuple
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
-from ..app import App
+from .. import _fork
 from ..exceptions import ImproperlyConfigured
 from .base import KeyValueStoreBackend
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..app import App
 
 __all__ = ('MemoryBackend', 'RedisBackend', 'E_REDIS_MISSING')
 
@@ -71,7 +73,7 @@ def _apply_global_keyprefix(backend: KeyValueStoreBackend, options: Dict[str, An
     backend.chord_keyprefix = prefix + type(backend).chord_keyprefix
 
 
-def _transport_options(app: App) -> Dict[str, Any]:
+def _transport_options(app: 'App') -> Dict[str, Any]:
     return dict(app.conf.get('result_backend_transport_options') or {})
 
 
@@ -91,8 +93,7 @@ def _reset_memory_lock() -> None:
     _memory_lock = threading.Lock()  # another thread may have held it when we forked
 
 
-if hasattr(os, 'register_at_fork'):
-    os.register_at_fork(after_in_child=_reset_memory_lock)
+_fork.register(_reset_memory_lock)
 
 
 class MemoryBackend(KeyValueStoreBackend):
@@ -108,7 +109,7 @@ class MemoryBackend(KeyValueStoreBackend):
 
     default_url = 'cache+memory://'
 
-    def __init__(self, app: Optional[App] = None, url: Optional[str] = None, **kwargs: Any) -> None:
+    def __init__(self, app: Optional['App'] = None, url: Optional[str] = None, **kwargs: Any) -> None:
         super().__init__(app=app, url=url or self.default_url, **kwargs)
         _apply_global_keyprefix(self, _transport_options(self.app))
         with _memory_lock:
@@ -196,6 +197,7 @@ class MemoryBackend(KeyValueStoreBackend):
         self._cache.clear()
 
     def as_uri(self, include_password: bool = False) -> str:
+        """This store's URL (``cache+memory://`` by default)."""
         return self.url or self.default_url
 
 
@@ -258,7 +260,7 @@ class RedisBackend(KeyValueStoreBackend):
 
     default_url = 'redis://localhost:6379/0'
 
-    def __init__(self, app: Optional[App] = None, url: Optional[str] = None, **kwargs: Any) -> None:
+    def __init__(self, app: Optional['App'] = None, url: Optional[str] = None, **kwargs: Any) -> None:
         super().__init__(app=app, url=url, **kwargs)
         self.redis = _import_redis()
         self.url = self._resolve_url(url)

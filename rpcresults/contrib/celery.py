@@ -13,6 +13,7 @@ socket reads, the compiled or pure state table, reconnects), and Celery's ``Asyn
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
@@ -21,12 +22,11 @@ from celery.backends import rpc as celery_rpc
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 
 from .. import _fork
-from .._drain import StateTable
-from ..backends.asynchronous import AsyncBackendMixin
 from ..backends.rpc import ResultConsumer as _RPCResultConsumer
-from ..backends.rpc import RPCBackend as _OurRPCBackend
 from ..backends.rpc import make_state_table
+from ..engine import wait as core
 from ..exceptions import TimeoutError as WaitTimeout
+from ..protocol import StateTable
 
 __all__ = ('RPCBackend', 'ResultConsumer')
 
@@ -39,44 +39,43 @@ BUFFER_MAX = 10000
 KEEP_LATE = True
 
 
-class _NoCache(dict):
-    """Celery's disabled cache (``result_cache_max = -1``) with the ``limit`` our reader reads."""
-
-    limit = 0
-
-    def __setitem__(self, key: Any, value: Any) -> None:
-        pass
-
-
-def _adopt(results: Iterable[Any]) -> None:
-    """Give Celery result objects the one attribute our consumer keeps on results it tracks."""
-    for result in results:
-        if not hasattr(result, '_tracked_by'):
-            result._tracked_by = None
-
-
 class ResultConsumer(_RPCResultConsumer):
-    """rpcresults' reply-queue consumer, constructed the way Celery's backend constructs its own."""
+    """rpcresults' reply-queue consumer, for Celery's result objects, built as Celery builds its own."""
 
     def __init__(self, backend: 'RPCBackend', app: Any, accept: Any,
                  pending_results: Any = None, pending_messages: Any = None) -> None:
-        super().__init__(backend, app, accept, backend._new_table())
+        super().__init__(backend, app, accept, backend.new_table())
 
-    def track(self, result: Any) -> None:
-        _adopt((result,))
-        super().track(result)
+    def settled(self, result: Any) -> Optional[Meta]:
+        """A Celery result keeps its final meta in ``_cache``."""
+        return result._cache  # type: ignore[no-any-return]
 
-    def iter_ready(self, results: Any, *args: Any, **kwargs: Any) -> Iterator[Tuple[str, Meta]]:
-        """Ours, raising Celery's ``TimeoutError`` (what Celery users catch) at the deadline."""
-        _adopt(results)
-        try:
-            yield from super().iter_ready(results, *args, **kwargs)
-        except WaitTimeout as exc:
-            raise CeleryTimeoutError(str(exc)) from None
+    def settle(self, result: Any, meta: Meta) -> Meta:
+        """Celery's own caching rule (``_maybe_set_cache``), then what the result holds."""
+        result._maybe_set_cache(meta)
+        return result._cache or meta  # type: ignore[no-any-return]
+
+    def cached(self, task_id: str) -> Optional[Meta]:
+        """A final meta from Celery's result cache (``result_cache_max``)."""
+        return self.backend._cache.get(task_id)  # type: ignore[no-any-return]
+
+    @property
+    def remember(self) -> Optional[Callable[[str, Meta], Any]]:
+        """Final metas go to Celery's result cache too (it ignores them when disabled)."""
+        return self.backend._cache.__setitem__  # type: ignore[no-any-return]
 
     def _after_fork(self) -> None:
         """Celery's name for the fork hook."""
         self.on_after_fork()
+
+
+@contextlib.contextmanager
+def _celery_timeout() -> Iterator[None]:
+    """Celery's ``TimeoutError`` (what Celery users catch) instead of ours, at the deadline."""
+    try:
+        yield
+    except WaitTimeout as exc:
+        raise CeleryTimeoutError(str(exc)) from None
 
 
 class RPCBackend(celery_rpc.RPCBackend):
@@ -86,11 +85,10 @@ class RPCBackend(celery_rpc.RPCBackend):
 
     def __init__(self, app: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(app, *args, **kwargs)
-        if not hasattr(self._cache, 'limit'):
-            self._cache = _NoCache()
-        _fork.register(self)  # Celery's own hook covers multiprocessing only, not a bare os.fork()
+        _fork.register(self._after_fork)  # Celery's own hook covers multiprocessing only, not os.fork()
 
-    def _new_table(self) -> StateTable:
+    def new_table(self) -> StateTable:
+        """A state table with this app's buffer settings (rpcresults' defaults when unset)."""
         conf = self.app.conf
         return make_state_table(self.accept, conf.get('result_buffer_max', BUFFER_MAX),
                                 conf.get('result_keep_late_replies', KEEP_LATE))
@@ -119,9 +117,9 @@ class RPCBackend(celery_rpc.RPCBackend):
                          on_interval: Optional[Callable[[], Any]] = None, **kwargs: Any) -> Any:
         """What ``AsyncResult.get`` calls: wait on our consumer, then let Celery raise or return."""
         self._ensure_not_eager()
-        return AsyncBackendMixin.wait_for_pending(self, result, timeout=timeout, on_message=on_message,
-                                                  on_interval=on_interval, callback=callback,
-                                                  propagate=propagate)
+        with _celery_timeout():
+            return core.wait_one(self.result_consumer, result, timeout, propagate, on_message, on_interval,
+                                 callback)
 
     def iter_native(self, result: Any, timeout: Optional[float] = None, interval: float = 0.5,
                     no_ack: bool = True, on_message: Optional[Callable[[Meta], Any]] = None,
@@ -139,12 +137,13 @@ class RPCBackend(celery_rpc.RPCBackend):
             else:
                 yield node.id, node.children
         if leaves:
-            yield from self.result_consumer.iter_ready(leaves, timeout=timeout, on_message=on_message,
-                                                       on_interval=on_interval)
+            with _celery_timeout():
+                yield from core.iter_ready(self.result_consumer, leaves, timeout, on_message, on_interval)
 
     # -- polling -----------------------------------------------------------------------------
-    #: What ``AsyncResult.state`` reads: the newest state after reading what already arrived.
-    get_task_meta = _OurRPCBackend.get_task_meta
+    def get_task_meta(self, task_id: str, backlog_limit: int = 1000) -> Meta:
+        """What ``AsyncResult.state`` reads: the newest state after reading what already arrived."""
+        return self.result_consumer.poll(task_id, backlog_limit, self.BacklogLimitExceeded)
 
     poll = get_task_meta
 
@@ -165,8 +164,9 @@ class RPCBackend(celery_rpc.RPCBackend):
     # -- ours --------------------------------------------------------------------------------
     def stats(self) -> Dict[str, int]:
         """rpcresults' counters for this client: received, dispatched, buffered, reconnects, ..."""
-        counters = dict(self.result_consumer.table.counters())
-        counters.update(self.result_consumer.stats())
+        consumer = self.result_consumer
+        counters = dict(consumer.table.counters())
+        counters.update(consumer.stats())
         counters['cached'] = len(self._cache)
         return counters
 

@@ -10,9 +10,10 @@ consumer-tag check into the header and body parsing: a parser setup byte (frame_
 channel), then ops that append a whole valid frame from a fixed set (our ``basic.deliver``,
 content headers with every property, body frames, heartbeats, others' content), a raw frame
 envelope around fuzzed bytes, or raw fuzzed bytes. The stream is fed to both twins in the
-same fuzzed chunking. Any exception other than the twin's own ``FrameError``, a segfault,
-or a difference between the twins (per feed: deliveries, frames, error message, parser
-state) stops the run with the input saved as ``crash-*``. Coverage feedback comes from the
+same fuzzed chunking. Any exception other than ``FrameError`` (one class, which both twins
+raise: ``rpcresults.exceptions.FrameError``), a segfault, or a difference between the twins
+(per feed: deliveries, frames, error message, parser state) stops the run with the input
+saved as ``crash-*``. Coverage feedback comes from the
 pure twin (instrumented); the compiled one is compared against it.
 
 Needs ``atheris`` (test extra) and the compiled twin built (``pip install -e .``).
@@ -26,8 +27,8 @@ from typing import Any, List, Sequence, Tuple
 import atheris
 
 with atheris.instrument_imports():
-    from rpcresults import _frames_py as pure
-from rpcresults import _frames_c as compiled  # noqa: E402  (not instrumentable: compiled code)
+    from rpcresults.protocol import _frames_py as pure
+from rpcresults.protocol import _frames_c as compiled  # noqa: E402  (not instrumentable: compiled code)
 from tests.frame_streams import outcomes  # noqa: E402
 
 TAG = 'rpcresults-0f3c2a9e-5b7d-4e61-8c2a-9d4b1e7f6a30'

@@ -46,7 +46,8 @@ def main() -> Dict[str, Any]:
 
     thread = threading.Thread(target=thread_body, daemon=True)
     thread.start()
-    report['reader_in_thread'] = wait_for(lambda: drainer.waiting == 1 and drainer._reader is not None, 10)
+    # that wait started the one reader there is (on that thread's hub) and waits through it
+    report['reader_in_thread'] = wait_for(lambda: drainer.waiting == 1 and drainer.readers_started == 1, 10)
     # green threads of this thread wait too, while the ticker of this hub keeps running
     ticker = Ticker()
     here = spawn(lambda: result(second).get(timeout=20))

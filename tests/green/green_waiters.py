@@ -14,7 +14,8 @@ import sys  # noqa: E402
 import uuid  # noqa: E402
 from typing import Any, Dict, List  # noqa: E402
 
-from rpcresults import App, AsyncResult, _drain  # noqa: E402
+import rpcresults.protocol  # noqa: E402
+from rpcresults import App, AsyncResult  # noqa: E402
 from rpcresults.backends.asynchronous import detect_environment  # noqa: E402
 from rpcresults.exceptions import TimeoutError  # noqa: E402
 from tests.green.green_lib import Ticker, join_all, spawn, wait_for  # noqa: E402
@@ -30,7 +31,7 @@ def main() -> Dict[str, Any]:
     drainer = consumer.drainer
     report: Dict[str, Any] = {'library': LIBRARY, 'environment': detect_environment(),
                               'drainer': type(drainer).__name__, 'table': type(consumer.table).__module__,
-                              'using_extension': _drain.USING_EXTENSION}
+                              'using_extension': rpcresults.protocol.USING_EXTENSION}
     consumer.start()
     ids = [str(uuid.uuid4()) for _ in range(count)]
     got: Dict[str, Any] = {}
@@ -61,8 +62,18 @@ def main() -> Dict[str, Any]:
     except TimeoutError as exc:
         report['timeout'] = type(exc).__name__
     report['waiting_after'] = getattr(drainer, 'waiting', None)
-    report['reader_ended'] = wait_for(lambda: getattr(drainer, '_reader', None) is None, 10)
-    report['readers_started'] = getattr(drainer, 'readers_started', None)
+    readers_started = getattr(drainer, 'readers_started', None)
+    report['readers_started'] = readers_started
+
+    def replaced() -> bool:
+        """Whether a new wait starts a new reader: only once the last one has ended (a wait joins a live one)."""
+        try:
+            AsyncResult(str(uuid.uuid4()), backend=client, app=app).get(timeout=0)
+        except TimeoutError:
+            pass
+        return getattr(drainer, 'readers_started', 0) > (readers_started or 0)
+
+    report['reader_ended'] = readers_started is not None and wait_for(replaced, 10)
     ticker.stop()
     worker.close()
     app.close()

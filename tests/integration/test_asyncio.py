@@ -1,4 +1,4 @@
-"""asyncio on the real broker (SPEC §1 "asyncio"): ``await result``, ``aget``, ``ajoin_native``,
+"""asyncio on the real broker: ``await result``, ``aget``, ``ajoin_native``,
 ``aiter_native``, EagerResult awaits.
 
 Results are published by a worker backend (another connection), usually from a thread
@@ -7,27 +7,27 @@ while the loop awaits. Every coroutine runs under ``asyncio.run(..., debug=True)
 can hang; "the loop is not blocked" is shown by counting, never by timing: the result
 is only published once a concurrent task has ticked enough times.
 
-Run on both state-table twins by CI's two passes (``rpcresults._drain`` picks the twin).
+Run on both state-table twins by CI's two passes (``rpcresults.protocol`` picks the twin).
 """
 from __future__ import annotations
 
 import asyncio
 import builtins
 import gc
+import os
 import threading
-import weakref
 from typing import Any, Awaitable, Callable, Iterator, List, Tuple
 
 import pytest
 
 from rpcresults import App, ResultSet, states
-from rpcresults.aio import hub_for
+from rpcresults.engine.channel import wait_readable
 from rpcresults.exceptions import TimeoutError
 from rpcresults.result import EagerResult
 
 from ..conftest import make_app, new_id, request_for
 from ..proxy import TcpProxy
-from ..helpers import Call, bound, reap, wait_until
+from ..helpers import Call, bound, report_from_child, wait_until
 
 BOUND = 60.0  # bound on any one test coroutine
 
@@ -65,21 +65,23 @@ def publish_soon(worker: Any, client: Any, pairs: Any) -> 'asyncio.Future[None]'
     return asyncio.get_running_loop().run_in_executor(None, publish, worker, client, pairs)
 
 
-def assert_released(client: Any, refs: List['weakref.ref[Any]']) -> None:
-    """No await is left on the hub, the table holds none of its waiters, and the reader thread ends."""
-    hub = hub_for(client.result_consumer)
-    assert hub.pending == 0
-    assert hub.waiters() == []
+def assert_released(client: Any, watched: List[int]) -> None:
+    """Awaits were watched, none is left on the asyncio reader (nor any wait in progress), the
+    table holds none of their waiters (once their results are collected nothing is tracked: an
+    entry with a waiter attached is never reaped), and the reader thread ends."""
+    assert watched and all(count >= 1 for count in watched), f'no await was watched: {watched}'
+    stats = client.stats()
+    assert stats['aio_waits'] == 0
+    assert stats['waits'] == 0
     gc.collect()
-    assert refs and all(ref() is None for ref in refs), 'a waiter is still referenced (by the table?)'
-    wait_until(lambda: hub.thread is None, 10, 'the asyncio reader thread to end')
+    assert client.stats()['tracked'] == 0, 'a waiter is still held (by the table?)'
+    wait_until(lambda: client.stats()['aio_reader'] == 0, 10, 'the asyncio reader thread to end')
 
 
-async def watched_waiters(client: Any, count: int) -> List['weakref.ref[Any]']:
-    """Weak references to the table waiters of ``count`` awaits in progress (once they are)."""
-    hub = hub_for(client.result_consumer)
-    await until(lambda: hub.pending >= count, f'{count} await(s) to be watched')
-    return [weakref.ref(waiter) for waiter in hub.waiters()]
+async def watched_waiters(client: Any, count: int) -> List[int]:
+    """Once at least ``count`` awaits are in progress: how many the asyncio reader serves (a one-item list)."""
+    await until(lambda: client.stats()['aio_waits'] >= count, f'{count} await(s) to be watched')
+    return [client.stats()['aio_waits']]
 
 
 class Ticker:
@@ -214,19 +216,19 @@ def test_aclose_stops_an_aiter_native_early_and_removes_its_waiter(app, client, 
     first, never = new_id(), new_id()
     publish(worker, client, [(first, 'one')])
 
-    async def main() -> Tuple[List[Any], List['weakref.ref[Any]']]:
+    async def main() -> Tuple[List[Any], List[int]]:
         members = ResultSet([bound(client, first), bound(client, never)], app=app)
         iterator = members.aiter_native(timeout=60)
         got = [await iterator.__anext__()]
-        refs = await watched_waiters(client, 1)
+        watched = await watched_waiters(client, 1)
         await iterator.aclose()
         with pytest.raises(StopAsyncIteration):
             await iterator.__anext__()
-        return got, refs
+        return got, watched
 
-    got, refs = run(main())
+    got, watched = run(main())
     assert [(task_id, meta['result']) for task_id, meta in got] == [(first, 'one')]
-    assert_released(client, refs)
+    assert_released(client, watched)
 
 
 # -- timeouts and cancellation --------------------------------------------------------------------
@@ -239,27 +241,28 @@ def test_timeout_raises_both_timeout_types_and_removes_the_waiter(app, client, w
     publish(worker, client, [(present, 'here')])
 
     async def main() -> Tuple[Any, ...]:
-        refs: List[weakref.ref] = []
+        watched: List[int] = []
         result = bound(client, missing)
         task = asyncio.ensure_future(result.aget(timeout=0.3))
-        refs += await watched_waiters(client, 1)
+        watched += await watched_waiters(client, 1)
         try:
             await task
         except BaseException as exc:  # checked below (the types only: a traceback holds the frames)
             error_one = kinds(exc)
         task = asyncio.ensure_future(
             ResultSet([bound(client, present), bound(client, missing)], app=app).ajoin_native(timeout=0.3))
-        refs += await watched_waiters(client, 1)
+        watched += await watched_waiters(client, 1)
         try:
             await task
         except BaseException as exc:
             error_join = kinds(exc)
-        return refs, error_one, error_join
+        return watched, error_one, error_join
 
-    refs, error_one, error_join = run(main())
+    watched, error_one, error_join = run(main())
     assert error_one == error_join == (TimeoutError, True, True)
-    assert_released(client, refs)
-    # the id is still tracked: a reply that comes now is kept for the next await
+    assert_released(client, watched)
+    # the timeout did not forget the id: a reply that comes now (its results are collected, so it
+    # waits in the early-arrival buffer) is kept for the next await
     publish(worker, client, [(missing, 'late')])
     assert run(bound(client, missing).aget(timeout=30)) == 'late'
 
@@ -267,10 +270,10 @@ def test_timeout_raises_both_timeout_types_and_removes_the_waiter(app, client, w
 def test_cancelling_an_await_removes_its_waiter(app, client, worker):
     ids = [new_id() for _ in range(5)]
 
-    async def main() -> List[weakref.ref]:
+    async def main() -> List[int]:
         single = asyncio.ensure_future(bound(client, ids[0]).aget())
         join = asyncio.ensure_future(ResultSet([bound(client, t) for t in ids[1:3]], app=app).ajoin_native())
-        refs = await watched_waiters(client, 2)
+        watched = await watched_waiters(client, 2)
         single.cancel()
         join.cancel()
         for task in (single, join):
@@ -281,14 +284,14 @@ def test_cancelling_an_await_removes_its_waiter(app, client, worker):
         publish_soon(worker, client, [(ids[3], 'first')])
         async for task_id, meta in iterator:
             assert (task_id, meta['result']) == (ids[3], 'first')
-            refs += [weakref.ref(w) for w in hub_for(client.result_consumer).waiters()]
+            watched.append(client.stats()['aio_waits'])
             break
         del iterator
-        return refs
+        return watched
 
-    refs = run(main())
-    assert len(refs) == 3
-    assert_released(client, refs)
+    watched = run(main())
+    assert watched == [2, 1]  # the two cancelled awaits, then the iterator's own wait
+    assert_released(client, watched)
     publish(worker, client, [(ids[0], 'after-cancel')])
     assert run(bound(client, ids[0]).aget(timeout=30)) == 'after-cancel'
 
@@ -403,16 +406,14 @@ def test_an_await_left_on_a_closed_loop_is_dropped_and_the_reader_thread_ends(cl
     try:
         task = loop.create_task(bound(client, task_id).aget())
         loop.run_until_complete(asyncio.sleep(0.05))
-        hub = hub_for(client.result_consumer)
-        assert hub.pending == 1 and hub.thread is not None
+        stats = client.stats()
+        assert stats['aio_waits'] == 1 and stats['aio_reader'] == 1
     finally:
         loop.close()  # the task is never finished nor cancelled
-    reader = hub.thread
     publish(worker, client, [(task_id, 'too late')])  # its wake-up finds the loop closed
-    wait_until(lambda: hub.pending == 0, 10, 'the orphaned await to be dropped')
-    assert hub.waiters() == []
-    reader.join(10)
-    assert not reader.is_alive() and hub.thread is None
+    wait_until(lambda: client.stats()['aio_waits'] == 0, 10, 'the orphaned await to be dropped')
+    assert client.stats()['waits'] == 0  # dropped: its waiter left the table
+    wait_until(lambda: client.stats()['aio_reader'] == 0, 10, 'the asyncio reader thread to end')
     del task
     # the consumer still works for everyone else
     other = new_id()
@@ -425,21 +426,18 @@ def test_an_await_on_a_closed_loop_with_no_reply_coming_is_dropped_too(client):
     try:
         loop.create_task(bound(client, new_id()).aget(timeout=None))
         loop.run_until_complete(asyncio.sleep(0.05))
-        hub = hub_for(client.result_consumer)
-        reader = hub.thread
-        assert hub.pending == 1 and reader is not None
+        stats = client.stats()
+        assert stats['aio_waits'] == 1 and stats['aio_reader'] == 1
     finally:
         loop.close()
-    wait_until(lambda: hub.pending == 0, 10, 'the orphaned await to be dropped')
-    reader.join(10)
-    assert not reader.is_alive()
+    wait_until(lambda: client.stats()['aio_waits'] == 0, 10, 'the orphaned await to be dropped')
+    wait_until(lambda: client.stats()['aio_reader'] == 0, 10, 'the asyncio reader thread to end')
 
 
 def reply_in_socket(client: Any, worker: Any, task_id: str, value: Any) -> None:
     """Publish a reply and wait until it reached the client's socket (not read yet)."""
-    from rpcresults._consume import wait_readable
     publish(worker, client, [(task_id, value)])
-    sock = client.result_consumer.reply_socket()
+    sock = client.result_consumer.connection.socket
     assert sock is not None
     assert wait_readable(sock, 10), 'the reply never reached the socket'
 
@@ -473,26 +471,30 @@ def test_zero_timeout_reads_what_the_socket_already_holds(app, client, worker):
         run(nothing_there())
 
 
-def test_hubs_lock_is_free_in_a_forked_child(client):
-    """A thread holding the lock that makes hubs, at fork time, must not wedge the child's first await."""
-    import os
-    from rpcresults import aio
-    held, release = threading.Event(), threading.Event()
+def test_an_await_in_a_forked_child_works(client, worker):
+    """Forked while the parent's asyncio reader thread serves an await in progress (leading the
+    read, it holds the reader election all but between read slices): the child's first await
+    must not wedge on anything the parent's threads held at fork time; it gets its own reply on
+    its own reply queue, and the parent's await is untouched."""
+    parent_id = new_id()
+    waiting = Call(lambda: run(bound(client, parent_id).aget(timeout=30)), name='parent-aget')
+    waiting.start()
+    wait_until(lambda: client.stats()['aio_waits'] == 1 and client.stats()['reading'] == 1, 10,
+               "the parent's await to be read for")
 
-    def hold() -> None:
-        with aio._hubs_lock:
-            held.set()
-            release.wait(10)
+    def child(report: Any) -> None:
+        task_id = new_id()
+        client.result_consumer.start()  # the child's own reply queue (a new oid)
+        worker.mark_as_done(task_id, 'in the child', request=request_for(client, task_id))
+        report['value'] = run(bound(client, task_id).aget(timeout=10), 20)
+        report['parent_oid_reused'] = client.oid == parent_oid
 
-    holder = threading.Thread(target=hold, daemon=True)
-    holder.start()
-    assert held.wait(10)
-    try:
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover (child)
-            os._exit(0 if aio._hubs_lock.acquire(timeout=5) else 1)
-    finally:
-        release.set()
-        holder.join(10)
-    status = reap(pid, 20)
+    parent_oid = client.oid
+    report, status = report_from_child(child, timeout=40)
+    assert 'error' not in report, report.get('error')
+    assert report['value'] == 'in the child'
+    assert report['parent_oid_reused'] is False
     assert status is not None and os.waitstatus_to_exitcode(status) == 0
+    # the parent's await is untouched by the fork
+    publish(worker, client, [(parent_id, 'in the parent')])
+    assert waiting.result(BOUND) == 'in the parent'

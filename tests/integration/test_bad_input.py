@@ -1,4 +1,4 @@
-"""Bad replies on the real broker (SPEC §2 decoding rules, §6 bad input).
+"""Bad replies on the real broker.
 
 Each kind of bad reply is published raw (py-amqp, no rpcresults code on the sending side) into the
 client's reply queue. For an id somebody holds a result for, the waiter gets a clear error; for an
@@ -21,6 +21,8 @@ import pytest
 from rpcresults import states
 from rpcresults.exceptions import ContentDisallowed, MalformedResult, SecurityError, TimeoutError
 from tests.conftest import make_app, new_id
+
+pytestmark = pytest.mark.twins  # decoding and bounds are the selected state table twin's
 
 WAIT = 10.0
 

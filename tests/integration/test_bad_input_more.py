@@ -1,4 +1,4 @@
-"""More bad replies on the real broker, beside tests/integration/test_bad_input.py (SPEC §6 bad input).
+"""More bad replies on the real broker, beside tests/integration/test_bad_input.py.
 
 Cases test_bad_input.py does not publish: empty and non-UTF-8 JSON bodies, a body with no
 content type or an unaccepted one (msgpack), JSON bodies that are a string, number, null or
@@ -18,6 +18,8 @@ from rpcresults import states
 from rpcresults.exceptions import ContentDisallowed, MalformedResult, SecurityError, TimeoutError
 from tests.conftest import new_id
 from tests.integration.test_bad_input import JSON, WAIT, assert_a_counted_drop, assert_still_serving, failure_body
+
+pytestmark = pytest.mark.twins  # decoding is the selected state table twin's
 
 
 def _cases(tid: str) -> Dict[str, Dict[str, Any]]:

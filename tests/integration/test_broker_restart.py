@@ -59,7 +59,7 @@ def test_get_blocked_across_a_restart_receives_a_result_published_after_it(priva
     call = Call(lambda: result.get(timeout=GET_TIMEOUT, on_message=started_listener(seen)), name='get-across-restart')
     call.start()
     attach_waiter(client, worker, task_id, seen)
-    connection_before = client.result_consumer._connection
+    link_before = client.result_consumer.connection.channel.connection  # py-amqp's, under the consuming channel
 
     private_node.restart()
     assert call.is_alive(), f'get() ended during the restart: {call.error!r}'
@@ -71,7 +71,7 @@ def test_get_blocked_across_a_restart_receives_a_result_published_after_it(priva
     stats = client.stats()
     assert stats['reconnects'] >= 1
     assert stats['queues_lost'] == 0  # the durable reply queue came back with the node
-    assert client.result_consumer._connection is not connection_before
+    assert client.result_consumer.connection.channel.connection is not link_before  # a new connection
 
     # the client keeps working on its new connection
     second = new_id()

@@ -1,4 +1,4 @@
-"""``backend.close()`` while waits are in progress (SPEC §1): every wait begun before the close ends
+"""``backend.close()`` while waits are in progress: every wait begun before the close ends
 with ``ResultBackendClosed``, close() itself returns, nothing reconnects behind it, and a wait begun
 after it opens the backend again.
 
@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 
-from rpcresults.aio import hub_for
 from rpcresults.backends.asynchronous import ResultBackendClosed
 
 from ..conftest import new_id, request_for
@@ -38,21 +37,21 @@ def await_in_own_loop(result: Any, timeout: float) -> Any:
 
 def test_close_ends_a_pending_await_and_a_pending_get_with_the_error(client, raw):
     consumer = client.result_consumer
-    drainer = consumer.drainer
-    hub = hub_for(consumer)
     for iteration in range(ITERATIONS):
         consumer.start()  # an explicit start after close() opens the backend again
         assert consumers_on(raw, client.oid) == 1
         waiting_async = bound(client, new_id())
         waiting_sync = bound(client, new_id())
-        calls = [Call(lambda: await_in_own_loop(waiting_async, 30), name='aget'),
-                 Call(lambda: waiting_sync.get(timeout=30), name='get')]
+        calls = [Call(lambda result=waiting_async: await_in_own_loop(result, 30), name='aget'),
+                 Call(lambda result=waiting_sync: result.get(timeout=30), name='get')]
         if iteration % 2:  # either one may be the thread blocked reading the socket
             calls.reverse()
         for call in calls:
             call.start()
-            wait_until(lambda: drainer._leader.locked(), 10, 'a wait to lead the read')
-        wait_until(lambda: hub.pending == 1 and len(drainer._waiting) == 1, 10, 'both waits in progress')
+            wait_until(lambda: client.stats()['reading'] == 1, 10, 'a wait to lead the read')
+        # one await served by the asyncio reader, one blocking get(): two waits in progress
+        wait_until(lambda: (client.stats()['aio_waits'], client.stats()['waits']) == (1, 2), 10,
+                   'both waits in progress')
         closing = Call(client.close, name='close')
         closing.start()
         closing.result(BOUND)
@@ -60,9 +59,10 @@ def test_close_ends_a_pending_await_and_a_pending_get_with_the_error(client, raw
             _, error = call.outcome(BOUND)
             assert isinstance(error, ResultBackendClosed), f'{call.name}: {error!r}'
             assert isinstance(error, ConnectionError)
-        wait_until(lambda: hub.thread is None, 10, 'the asyncio reader thread to end')
-        assert hub.pending == 0
-        assert consumer._connection is None
+        wait_until(lambda: client.stats()['aio_reader'] == 0, 10, 'the asyncio reader thread to end')
+        stats = client.stats()
+        assert stats['aio_waits'] == 0 and stats['waits'] == 0
+        assert stats['connected'] == 0
         wait_until(lambda: consumers_on(raw, client.oid) == 0, 10, 'the broker to see no consumer')
 
 
@@ -91,13 +91,13 @@ def test_a_reader_stopped_by_close_does_not_reconnect(client, raw):
     pending = bound(client, new_id())
     call = Call(lambda: pending.get(timeout=30), name='get')
     call.start()
-    wait_until(lambda: consumer.drainer._leader.locked(), 10, 'the get() to lead the read')
+    wait_until(lambda: client.stats()['reading'] == 1, 10, 'the get() to lead the read')
     client.close()
     _, error = call.outcome(BOUND)
     assert isinstance(error, ResultBackendClosed)
     with pytest.raises(ResultBackendClosed):
-        consumer._drain_once(0)  # what a reader does next: no reconnect
-    assert consumer._connection is None
+        consumer.drain_events(0)  # what a reader does next: no reconnect
+    assert client.stats()['connected'] == 0
     wait_until(lambda: consumers_on(raw, client.oid) == 0, 10, 'the broker to see no consumer')
 
 
@@ -115,7 +115,7 @@ def test_close_ends_a_wait_that_is_retrying_its_connection(broker_url, proxy):
         closer.result(timeout=30)  # bounded: without the check between attempts it waits out every retry
         _, error = waiter.outcome(timeout=30)
         assert isinstance(error, ResultBackendClosed), repr(error)
-        assert client.result_consumer._connection is None
+        assert client.stats()['connected'] == 0
     finally:
         proxy.resume()
         app.close()

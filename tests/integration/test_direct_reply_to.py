@@ -217,24 +217,27 @@ def test_a_call_after_the_backend_was_closed_is_answered(direct_app, running: Ru
         client.close()
 
 
-def test_stop_never_holds_the_write_lock_while_waiting_for_the_start_lock(direct_app,
-                                                                         running: Running) -> None:
-    """Lock order: a reader recovering holds the start lock and then wants the write lock, so
-    stop() (waiting for the start lock here) must not hold the write lock meanwhile."""
+def test_stop_never_holds_the_write_lock_while_waiting_for_the_connection_lock(direct_app,
+                                                                              running: Running) -> None:
+    """Lock order (``rpcresults.engine.connection``): the connection lock, then the write lock. A
+    reader consuming again after a cancel, or a request being tracked and sent, holds the
+    connection lock and then wants the write lock, so stop() (waiting for the connection lock
+    here) must not hold the write lock meanwhile."""
     client = Client(direct_app)
-    consumer = client.backend.result_consumer
+    connection = client.backend.result_consumer.connection
     try:
         assert client.call(running.queue, 1).get(timeout=10) == 2
-        with consumer._start_lock:  # as _drain_once holds it around a recovery
+        with connection.lock:  # as a reader holds it around a recovery
             stopping = Call(client.backend.close, 'stop')
             stopping.start()
-            wait_until(lambda: consumer.closed, timeout=10, what='stop() to begin')
-            time.sleep(0.5)  # let it reach the start lock (past the leader's grace period)
-            got = consumer.write_lock.acquire(timeout=5)
+            wait_until(lambda: connection.closed, timeout=10, what='stop() to begin')
+            time.sleep(0.5)  # let it reach the connection lock (past the leader's grace period)
+            got = connection.write_lock.acquire(timeout=5)
             if got:
-                consumer.write_lock.release()
+                connection.write_lock.release()
         _, error = stopping.outcome(15)
-        assert got, 'stop() held the write lock while waiting for the start lock: a recovery would deadlock'
+        assert got, ('stop() held the write lock while waiting for the connection lock: '
+                     'a recovery would deadlock')
         assert error is None
         assert client.call(running.queue, 2).get(timeout=10) == 4
     finally:

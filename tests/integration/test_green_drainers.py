@@ -1,4 +1,4 @@
-"""gevent and eventlet drainers (SPEC §1): chosen by the monkey-patched environment, as in Celery.
+"""gevent and eventlet drainers: chosen by the monkey-patched environment, as in Celery.
 
 Monkey-patching must never touch the pytest process, so each case runs
 ``tests/green/green_waiters.py`` in a subprocess (bounded by a timeout): it patches,
@@ -19,7 +19,7 @@ from typing import Any, Dict
 
 import pytest
 
-from rpcresults import _drain
+import rpcresults.protocol
 from rpcresults.backends.asynchronous import (Drainer, EventletDrainer, GeventDrainer, detect_environment,
                                               drainers)
 
@@ -54,7 +54,7 @@ def test_green_threads_wait_through_the_green_drainer(library, drainer, broker_u
     report = run_green(library, broker_url, 'green_waiters', str(WAITERS))
     assert report['environment'] == library
     assert report['drainer'] == drainer
-    assert report['using_extension'] is _drain.USING_EXTENSION  # the same twin as this pass
+    assert report['using_extension'] is rpcresults.protocol.USING_EXTENSION  # the same twin as this pass
     assert report['all_waiting'] is True, 'not every green thread was waiting at once'
     assert report['ticked_while_waiting'] is True, 'waiting blocked the other green threads'
     assert report['joined'] is True

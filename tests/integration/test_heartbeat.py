@@ -37,9 +37,10 @@ def apps() -> Iterator[Callable[..., App]]:
 
 
 def reply_connection(client: Any) -> Any:
-    """The py-amqp connection the client's reply consumer reads (consuming started)."""
+    """The py-amqp connection the client's reply consumer reads (consuming started): the
+    connection of its consuming channel, looked at on the wire (peer port, bytes sent)."""
     client.result_consumer.start()
-    return client.result_consumer._connection.connection
+    return client.result_consumer.connection.channel.connection
 
 
 def publish(worker: Any, client: Any, task_id: str, value: Any) -> None:
@@ -62,8 +63,7 @@ def start_blocked_get(client: Any, task_id: str, timeout: float) -> Call:
     result = bound(client, task_id)
     call = Call(lambda: result.get(timeout=timeout), name='blocked-get')
     call.start()
-    consumer = client.result_consumer
-    wait_until(lambda: consumer.deadline is not None or not call.is_alive(), 20,
+    wait_until(lambda: client.stats()['reading'] == 1 or not call.is_alive(), 20,
                'the waiter to start reading')
     assert call.is_alive(), f'get() ended at once: {call.error!r}'
     return call
@@ -92,6 +92,7 @@ def test_heartbeat_as_configured_is_what_the_broker_uses(setting, private_node, 
     else:
         expected = 0  # the client turned heartbeats off: none either way
     assert conn.heartbeat == expected
+    assert client.stats()['heartbeat'] == expected
     port = conn.sock.getsockname()[1]
     assert broker_heartbeats(private_node).get(port) == expected
 
@@ -103,7 +104,6 @@ def test_blocked_waiter_idle_for_several_intervals_keeps_its_connection(broker_u
     worker = app.create_backend()
     conn = reply_connection(client)
     assert conn.heartbeat == HEARTBEAT
-    connection_before = client.result_consumer._connection
     local_port = conn.sock.getsockname()[1]
 
     task_id = new_id()
@@ -116,7 +116,7 @@ def test_blocked_waiter_idle_for_several_intervals_keeps_its_connection(broker_u
     publish(worker, client, task_id, 'after-idling')
     assert call.result(timeout=60) == 'after-idling'
     assert client.stats()['reconnects'] == 0
-    assert client.result_consumer._connection is connection_before
+    assert client.result_consumer.connection.channel.connection is conn  # the same one, never rebuilt
     assert conn.sock is not None and conn.sock.getsockname()[1] == local_port
 
 

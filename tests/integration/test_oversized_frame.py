@@ -1,4 +1,4 @@
-"""Garbage on the reply connection: an oversized or broken frame from "the broker" (SPEC §6 bad input).
+"""Garbage on the reply connection: an oversized or broken frame from "the broker".
 
 The client reaches the shared broker through a TcpProxy of the test's own, which puts bytes
 into the broker->client stream at a frame boundary (``proxy.inject``). Results are published
@@ -33,6 +33,8 @@ from tests.amqp_frames import raw_frame
 from tests.conftest import make_app, new_id
 from tests.helpers import Call, wait_until
 from tests.proxy import TcpProxy
+
+pytestmark = pytest.mark.twins
 
 WAIT = 15.0
 BATCH = 20
@@ -156,16 +158,16 @@ def test_the_pass_runs_the_twin_it_should() -> None:
 @pytest.mark.parametrize('kind', list(GARBAGE))
 def test_garbage_frame_makes_the_consumer_reconnect_and_lose_nothing(kind, proxied, proxy, raw, caplog):
     make_garbage, message = GARBAGE[kind]
-    caplog.set_level(logging.ERROR, logger='rpcresults.backends.rpc')
+    caplog.set_level(logging.ERROR, logger='rpcresults.engine.connection')
     scenario = Scenario(proxied, proxy, raw)
     client = scenario.client
     client.result_consumer.start()
-    replies = client.result_consumer._replies
-    assert replies.fast, 'the fast path (our own socket reads) should be in use here'
-    assert replies._connection.frame_max == FRAME_MAX
     before = dict(client.stats())
+    assert before['fast_read'] == 1, 'the fast path (our own socket reads) should be in use here'
+    assert before['frame_max'] == FRAME_MAX
+    channel_id = client.result_consumer.connection.channel.channel_id  # the consuming channel's number
 
-    batches = scenario.run_until_garbage(make_garbage(replies.channel.channel_id))
+    batches = scenario.run_until_garbage(make_garbage(channel_id))
     scenario.collect_each_once(batches['B'] + batches['C'])
 
     stats = client.stats()
@@ -198,7 +200,8 @@ def slow_path_run(proxied: Any, proxy: TcpProxy, raw: amqp.Connection,
     """A Scenario on the slow path (py-amqp reads), run until ``garbage`` is in its stream."""
     scenario = Scenario(proxied, proxy, raw)
     scenario.client.result_consumer.start()
-    assert not scenario.client.result_consumer._replies.fast
+    stats = scenario.client.stats()
+    assert stats['connected'] == 1 and stats['fast_read'] == 0  # consuming, read by py-amqp
     return scenario, scenario.run_until_garbage(garbage)
 
 

@@ -1,4 +1,4 @@
-"""Faults and recovery against the real broker (SPEC §3, §6).
+"""Faults and recovery against the real broker.
 
 The shared RabbitMQ is never stopped or reconfigured: a client whose broker
 URL goes through a TcpProxy of the test's own (tests/proxy.py) has its
@@ -62,7 +62,7 @@ def proxied_app(proxy: TcpProxy, broker_url: str) -> Iterator[Callable[..., App]
 
 
 # -- connection cut mid-join -----------------------------------------------------------------
-N_JOIN = 20000  # issue 4, fault 1: two cuts while 20,000 results drain
+N_JOIN = 20000  # two cuts while 20,000 results drain
 FIRST_CUT, SECOND_CUT = 4000, 12000
 STAGES = [(0, 8000), (8000, 16000), (16000, N_JOIN)]
 

@@ -115,7 +115,7 @@ def test_close_while_run_drains_in_another_thread(app: App) -> None:
         thread = Call(responder.run_forever, name='responder')
         thread.start()
         time.sleep(0.05)
-        closer = Call(lambda: (responder.stop(), responder.close()), name='closer')
+        closer = Call(lambda r=responder: (r.stop(), r.close()), name='closer')
         closer.start()
         closer.result(30)  # the old close() could block forever reading against run()
         _, error = thread.outcome(15)
@@ -144,9 +144,13 @@ def test_a_forked_child_serves_on_connections_of_its_own(broker_url: str) -> Non
         assert responder.run(limit=1, timeout=30) == 1
         assert first.get(timeout=15) == ['parent', 1]
 
+        parent_backend = responder.backend
+        assert responder.wait_ready(0)  # consuming in the parent
+
         def child(report: dict) -> None:
-            report['inherited'] = [responder._connection is not None, responder._consumer is not None,
-                                   responder.backend._producer_connection is not None]
+            # not consuming on the parent's connection; a reply backend of its own, nothing published yet
+            report['inherited'] = [responder.wait_ready(0), responder.backend is parent_backend,
+                                   responder.backend.worker_stats()['publish_connections'] > 0]
             # its own queue, so the parent's consumer (still registered) cannot take the request
             child_queue = f'{queue}-child'
             responder.queue_name, responder.queue = child_queue, Responder.queue_for(child_queue, expires=60)

@@ -66,8 +66,21 @@ def own_queues(broker_url: str) -> Iterator[Set[str]]:
         conn.close()
 
 
+@pytest.fixture
+def confirming_worker(broker_url: str) -> Iterator[Any]:
+    """A worker-side backend whose publishes return only once the broker confirmed them."""
+    worker_app = make_app(broker_url, result_publish_confirm=True)
+    worker = worker_app.create_backend()
+    assert worker.publisher.confirm
+    yield worker
+    worker.close()
+    worker_app.close()
+
+
 # -- 1. a raising then() callback costs no other reply ----------------------------------------
-def test_raising_then_callback_loses_no_reply_of_the_same_read(own_queues, app, client, worker, caplog):
+def test_raising_then_callback_loses_no_reply_of_the_same_read(own_queues, app, client, confirming_worker,
+                                                               raw, caplog):
+    worker = confirming_worker
     own_queues.add(client.oid)
     caplog.set_level(logging.ERROR, logger='rpcresults.result')
     client.result_consumer.start()
@@ -83,10 +96,10 @@ def test_raising_then_callback_loses_no_reply_of_the_same_read(own_queues, app, 
     for result, value in ((a, 'va'), (b, 'vb'), (c, 'vc')):
         worker.mark_as_done(result.id, value, request=request_for(client, result.id))
     # all three pushed to the client's socket before anyone reads it: one read holds them all
-    # (the passive declare rides the worker's own channel, so it comes after the publishes)
-    channel = worker._producer.channel
-    wait_until(lambda: channel.queue_declare(queue=client.oid, passive=True)[1] == 0,
-               WAIT, 'the broker to push the three replies')
+    # (each publish returned once the broker confirmed it, so the queue had all three before
+    # the passive declares on the raw connection look at it)
+    assert worker.worker_stats()['published'] == 3
+    wait_until(lambda: queue_counts(raw, client.oid)[0] == 0, WAIT, 'the broker to push the three replies')
 
     assert b.get(timeout=WAIT) == 'vb'
     assert c.get(timeout=WAIT) == 'vc'
@@ -117,10 +130,11 @@ def test_refused_reply_before_anyone_waits_raises_content_disallowed(count, own_
         channel.basic_publish(json_reply(sentinel, 'sentinel'), exchange='', routing_key=client.oid)
     finally:
         channel.close()
-    assert bound(client, sentinel).get(timeout=WAIT) == 'sentinel'
-    assert client.stats()['malformed_dropped'] >= count
-    for task_id in ids:
-        assert not client.result_consumer.table.is_tracked(task_id)
+    sentinel_result = bound(client, sentinel)
+    assert sentinel_result.get(timeout=WAIT) == 'sentinel'
+    stats = client.stats()
+    assert stats['malformed_dropped'] >= count
+    assert stats['tracked'] == 1  # none of the refused ids: the sentinel's result is the only one alive
 
     for task_id in ids:
         with pytest.raises(kombu.exceptions.ContentDisallowed):
@@ -274,7 +288,7 @@ def test_polling_state_only_keeps_heartbeats_going(own_queues, broker_url, worke
         hb_client = hb_app.backend
         own_queues.add(hb_client.oid)
         hb_client.result_consumer.start()
-        assert hb_client.result_consumer._connection.heartbeat
+        assert hb_client.stats()['heartbeat']
         result = hb_app.AsyncResult(new_id())
         assert result.backend is hb_client
         # several heartbeat intervals of polling only: no blocking get drives the connection

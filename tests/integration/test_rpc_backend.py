@@ -1,4 +1,4 @@
-"""RPCBackend and its ResultConsumer against the real RabbitMQ (SPEC §1 rpc backend, §2 reply queue, §3).
+"""RPCBackend and its ResultConsumer against the real RabbitMQ.
 
 Every test talks to the shared broker for real: the reply queue's declaration is checked with raw
 py-amqp (passive declares and re-declares that the broker must accept or refuse), results are
@@ -399,6 +399,7 @@ def test_get_task_meta_raises_backlog_limit_exceeded(client, worker, raw, broker
 
 
 # -- the state table answers without anyone waiting --------------------------------------------------
+@pytest.mark.smoke
 def test_state_ready_completed_count_without_get(app, client, worker):
     tids = [new_id() for _ in range(20)]
     results = ResultSet([app.AsyncResult(tid) for tid in tids])
@@ -483,6 +484,7 @@ def test_buffer_bound_evicts_counts_and_fails_fast(other_app):
 
 
 # -- timeouts ---------------------------------------------------------------------------------------
+@pytest.mark.smoke
 @pytest.mark.parametrize('timeout', [0, 0.05])
 def test_get_timeout_on_pending_raises_timeout_error(app, client, timeout):
     result = app.AsyncResult(new_id())
@@ -528,6 +530,7 @@ def _collapse(items: List[str]) -> List[str]:
     return out
 
 
+@pytest.mark.smoke
 def test_on_message_is_per_waiter(client, worker):
     client.result_consumer.start()
     tids = [new_id(), new_id()]
@@ -607,6 +610,7 @@ def test_result_made_in_one_thread_is_waited_in_another(app, client, worker):
     assert result.backend is client
 
 
+@pytest.mark.smoke
 def test_sixteen_threads_share_one_backend(client, worker):
     client.result_consumer.start()
     per_thread = 50
@@ -641,6 +645,7 @@ def test_sixteen_threads_share_one_backend(client, worker):
     assert not wrong, f'{len(wrong)} results reached the wrong waiter'
 
 
+@pytest.mark.smoke
 def test_join_native_over_10000_results(app, client, worker):
     client.result_consumer.start()  # the reply queue exists before anything is published
     count = 10_000
@@ -668,6 +673,7 @@ def test_join_native_over_10000_results(app, client, worker):
     assert client.stats()['received'] == count
 
 
+@pytest.mark.smoke
 def test_iter_native_yields_each_id_once(app, client, worker):
     count = 2_000
     tids = [new_id() for _ in range(count)]
@@ -722,6 +728,7 @@ def test_mark_as_started(app, client, worker):
 
 @pytest.mark.parametrize('exc', [BillingError('card declined', 402), KeyError('missing'),
                                  ValueError('bad', {'field': 'x'})])
+@pytest.mark.smoke
 def test_mark_as_failure_reraises_the_original_type(app, client, worker, exc):
     client.result_consumer.start()  # the reply queue exists before anything is published
     tid = new_id()
@@ -791,7 +798,7 @@ def test_extended_meta_fields(other_app):
 
 
 def test_extended_meta_name(other_app):
-    """SPEC §1: ``name`` is one of the extended fields (Celery: ``AsyncResult.name`` reads the meta)."""
+    """``name`` is one of the extended fields (Celery: ``AsyncResult.name`` reads the meta)."""
     application = other_app(result_extended=True)
     client = application.backend
     worker = application.create_backend()
@@ -832,6 +839,7 @@ def test_delivery_mode(other_app, raw, private_queue, how, expected_mode):
 
 
 # -- stats, forget, close, groups -------------------------------------------------------------------
+@pytest.mark.smoke
 def test_stats_counters(app, client, worker):
     client.result_consumer.start()  # the reply queue exists before anything is published
     tid = new_id()

@@ -1,4 +1,4 @@
-"""Byte compatibility with Celery's ``rpc://`` backend on the real broker (SPEC §2).
+"""Byte compatibility with Celery's ``rpc://`` backend on the real broker.
 
 The oracle is Celery 5.7 itself: for the same inputs, what our worker publishes must equal what
 Celery's ``celery.backends.rpc.RPCBackend`` publishes (properties exactly, body key for key and in

@@ -1,4 +1,4 @@
-"""Differential property tests of the frame parser twins (SPEC §6: "a differential property test").
+"""Differential property tests of the frame parser twins.
 
 Hypothesis builds random but real AMQP 0-9-1 frame streams with py-amqp's own encoder
 (tests/amqp_frames.py): replies for us with random correlation ids, content types and

@@ -1,4 +1,4 @@
-"""Fuzzing the frame parser twins with hypothesis: bad input is a FrameError or nothing (SPEC §6).
+"""Fuzzing the frame parser twins with hypothesis: bad input is a FrameError or nothing.
 
 Complements tests/unit/test_frames_differential.py (which proves the twins agree with each
 other and with py-amqp on valid streams, and never raise anything but FrameError on garbage)

@@ -32,8 +32,7 @@ def new_id() -> str:
 @pytest.fixture(autouse=True)
 def default_to_memory_app(memory_app) -> Iterator[None]:
     """Objects built without an app (unpickled results) use the test's memory app."""
-    previous = app_module._default
-    app_module.set_default_app(memory_app)
+    previous = app_module.set_default_app(memory_app)
     yield
     app_module.set_default_app(previous)
 

@@ -1,15 +1,21 @@
-"""The per-task state table: where every reply lands (pure-Python twin).
+"""The per-task state table: where every reply lands. No I/O, no waiting: a driver wakes waiters.
 
-One table per reply queue. It holds, per task id somebody holds a result for,
-the newest state; it routes each reply to the waiters of that id (per-waiter
-``on_message``, ready results into the waiter's bucket); replies for ids nobody
-holds a result for go into a bounded early-arrival buffer whose evictions are
-counted and remembered, so asking for an evicted id fails fast.
+One table per reply queue. It holds, per task id somebody holds a result object
+for, the newest state, and routes each reply to the waiters of that id
+(per-waiter ``on_message``; final states into the waiter's bucket). Replies for
+ids nobody holds a result for go into a bounded early-arrival buffer whose
+evictions are counted and remembered, so asking for an evicted id fails fast.
 
-No I/O here: replies come in as ``(correlation_id, content_type,
-content_encoding, body)`` or as already-decoded metas; waking a waiter is a
-callable the driver gives (an Event's ``set``, a future's resolver).
-Thread-safe: one lock guards every structure; user callbacks run outside it.
+Replies come in as ``(correlation_id, content_type, content_encoding, body)`` or
+as decoded metas; waking a waiter is a callable its driver gives (an Event's
+``set``, a loop's ``call_soon_threadsafe``). Thread-safe: ``_lock`` guards the
+entries, the buffer and the memos; callbacks (``on_message``, wake-ups) run
+outside it. Tracking is tied to result objects' lifetimes through weak
+references; a collected owner is reaped at the next operation or ``counters()``.
+
+This file is both twins: run as it is, it is the pure-Python table; compiled by
+Cython as ``rpcresults.protocol._table_c`` with the C types of ``_table_c.pxd``,
+it is the compiled one.
 """
 from __future__ import annotations
 
@@ -19,19 +25,31 @@ import logging
 import threading
 import weakref
 from collections import deque
-from typing import Any, Callable, Deque, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from collections.abc import Mapping
+from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from .exceptions import ContentDisallowed, MalformedResult, ReplyQueueLost, ResultEvicted
+from ..exceptions import ContentDisallowed, MalformedResult, ReplyQueueLost, ResultEvicted
 
 logger = logging.getLogger('rpcresults.state')
 
-__all__ = ('StateTable', 'Waiter', 'READY_STATES', 'index_results', 'fill_values')
+__all__ = ('StateTable', 'Waiter', 'index_results', 'fill_values', 'fast_json', 'is_final')
 
-READY_STATES = frozenset({'SUCCESS', 'FAILURE', 'REVOKED'})
+_SUCCESS = 'SUCCESS'
+_FAILURE = 'FAILURE'
+_REVOKED = 'REVOKED'
+_JSON = 'application/json'
+_UTF8 = 'utf-8'
+
+#: How often (in evictions) the eviction warning repeats after the first.
+EVICTION_WARN_EVERY = 1000
 
 _decoder = json.JSONDecoder()
 _json_decode = _decoder.decode
 _json_scan = json.scanner.make_scanner(_decoder)
+
+Decoder = Callable[[bytes, Optional[str], Optional[str]], Any]
+Meta = Dict[str, Any]
+Delivery = Tuple[int, Optional[str], Optional[str], Optional[str], bytes]
 
 
 def fast_json(text: str) -> Any:
@@ -44,26 +62,56 @@ def fast_json(text: str) -> Any:
         return _json_decode(text)  # trailing white space, or extra data: its own error
     return value
 
-#: How often (in evictions) the eviction warning repeats after the first.
-EVICTION_WARN_EVERY = 1000
 
-Decoder = Callable[[bytes, Optional[str], Optional[str]], Any]
-Meta = Dict[str, Any]
+def _final_status(status: Any) -> bool:
+    return status == _SUCCESS or status == _FAILURE or status == _REVOKED
 
 
-def is_ready(meta: Any) -> bool:
-    """A stored entry is final: a ready meta, or an error to hand to the waiter."""
+def is_final(meta: Any) -> bool:
+    """A stored entry is final: a SUCCESS/FAILURE/REVOKED meta, or an error to hand to the waiter."""
     if meta is None:
         return False
     if isinstance(meta, BaseException):
         return True
-    return meta.get('status') in READY_STATES
+    return _final_status(meta.get('status'))
+
+
+# An entry's owners and waiters: None, one item, or a list of two or more. Most ids have one
+# owner and at most one waiter, so this spares two lists per tracked id (less work for the GC).
+def _add(slot: Any, item: Any) -> Any:
+    if slot is None:
+        return item
+    if type(slot) is list:
+        slot.append(item)
+        return slot
+    return [slot, item]
+
+
+def _remove(slot: Any, item: Any) -> Any:
+    if slot is item:
+        return None
+    if type(slot) is list:
+        try:
+            slot.remove(item)
+        except ValueError:
+            return slot
+        if len(slot) == 1:
+            return slot[0]
+    return slot
+
+
+def _items(slot: Any) -> List[Any]:
+    if slot is None:
+        return []
+    if type(slot) is list:
+        return list(slot)
+    return [slot]
 
 
 class Waiter:
-    """One wait (a ``get()``, a join, an await): ids still to come, ready ones in ``bucket``.
+    """One wait (a ``get()``, a join, an await): how many ids are still to come, final ones in ``bucket``.
 
-    ``wake`` is called (from the draining thread) whenever the bucket grows or an
+    ``wake`` is called (from the dispatching thread) whenever the bucket grows or an
     error is set; ``on_message`` receives every state of the waiter's ids.
     """
 
@@ -78,7 +126,7 @@ class Waiter:
         self.error: Optional[BaseException] = None
 
     def notify(self) -> None:
-        """Call ``wake`` (a driver's callable); its failure is logged, never raised into dispatch."""
+        """Call ``wake``; its failure is logged, never raised into the dispatch."""
         wake = self.wake
         if wake is not None:
             try:
@@ -91,11 +139,34 @@ class Waiter:
         """Nothing more to wait for: every id is in the bucket (or was taken from it)."""
         return self.remaining <= 0
 
+    @property
+    def has_news(self) -> bool:
+        """Something for the waiting code to act on: a final state, an error, or nothing left."""
+        return bool(self.bucket) or self.error is not None or self.remaining <= 0
+
     def fail(self, error: BaseException) -> None:
-        """Hand ``error`` to this waiter and wake it."""
+        """Hand ``error`` to this waiter (the first one wins) and wake it."""
         if self.error is None:
             self.error = error
         self.notify()
+
+    def arrived(self, task_id: str, meta: Any) -> None:
+        """A final state (or an error) for one of this waiter's ids."""
+        self.bucket.append((task_id, meta))
+        self.remaining -= 1
+        self.notify()
+
+
+def _tell(waiter: Waiter, task_id: str, meta: Meta, final: bool) -> None:
+    """Hand one state to a waiter: ``on_message`` first, then the bucket when it is final."""
+    on_message = waiter.on_message
+    if on_message is not None:
+        try:
+            on_message(meta)
+        except Exception as exc:  # the user's callback: its error belongs to its waiter
+            waiter.fail(exc)
+    if final:
+        waiter.arrived(task_id, meta)
 
 
 class _OwnerRef(weakref.ref):
@@ -105,14 +176,20 @@ class _OwnerRef(weakref.ref):
 
 
 class _Entry:
-    """A tracked task id: newest meta (or error), live owner refs, attached waiters."""
+    """A tracked task id: newest meta (or error), owner refs and attached waiters (see ``_add``)."""
 
     __slots__ = ('meta', 'owners', 'waiters')
 
     def __init__(self) -> None:
         self.meta: Any = None
-        self.owners: List[_OwnerRef] = []
-        self.waiters: List[Waiter] = []
+        self.owners: Any = None
+        self.waiters: Any = None
+
+    def owned_by(self, owner: Any) -> bool:
+        for ref in _items(self.owners):
+            if ref() is owner:
+                return True
+        return False
 
 
 class StateTable:
@@ -127,10 +204,9 @@ class StateTable:
         self._lock = threading.Lock()
         self._tracked: Dict[str, _Entry] = {}
         self._early: Dict[str, Any] = {}
-        remembered = max(10 * self.buffer_max, 1024)  # ids are small; forgetting one means a hang
         self._evicted: Dict[str, None] = {}
         self._abandoned: Dict[str, None] = {}
-        self._remember_max = remembered
+        self._remember_max = max(10 * self.buffer_max, 1024)  # ids are small; forgetting one means a hang
         self._collected: Deque[_OwnerRef] = deque()
         self._on_collected = self._collected.append
         self.received = 0
@@ -144,7 +220,10 @@ class StateTable:
 
     # -- tracking ----------------------------------------------------------------------------
     def track(self, task_id: str, owner: Any) -> None:
-        """Keep ``task_id`` tracked while ``owner`` (a result object) lives; claim a buffered reply."""
+        """Keep ``task_id`` tracked while ``owner`` (a result object) lives; claim a buffered reply.
+
+        Tracking the same owner again does nothing.
+        """
         self.track_many(((task_id, owner),))
 
     def track_many(self, pairs: Iterable[Tuple[str, Any]]) -> None:
@@ -154,8 +233,6 @@ class StateTable:
             self._reap()
             tracked = self._tracked
             for task_id, owner in pairs:
-                ref = _OwnerRef(owner, on_collected)
-                ref.task_id = task_id
                 entry = tracked.get(task_id)
                 if entry is None:
                     entry = tracked[task_id] = _Entry()
@@ -164,15 +241,11 @@ class StateTable:
                         entry.meta = self._early.pop(task_id)
                     elif task_id in self._evicted:
                         entry.meta = ResultEvicted([task_id])
-                entry.owners.append(ref)
-
-    def untrack(self, task_id: str) -> None:
-        """Stop tracking ``task_id`` now (all owners); its waiters are detached."""
-        with self._lock:
-            self._tracked.pop(task_id, None)
-
-    def is_tracked(self, task_id: str) -> bool:
-        return task_id in self._tracked
+                elif entry.owned_by(owner):
+                    continue
+                ref = _OwnerRef(owner, on_collected)
+                ref.task_id = task_id
+                entry.owners = _add(entry.owners, ref)
 
     def _reap(self) -> None:
         """Drop owner refs whose result objects were collected (lock held)."""
@@ -183,13 +256,10 @@ class StateTable:
             entry = tracked.get(ref.task_id)
             if entry is None:
                 continue
-            try:
-                entry.owners.remove(ref)
-            except ValueError:
-                continue
-            if not entry.owners and not entry.waiters:
+            entry.owners = _remove(entry.owners, ref)  # an entry outlives none of its owner refs
+            if entry.owners is None and entry.waiters is None:
                 del tracked[ref.task_id]
-                if not is_ready(entry.meta):
+                if not is_final(entry.meta):
                     self._remember(self._abandoned, ref.task_id)
 
     def _remember(self, ids: Dict[str, None], task_id: str) -> None:
@@ -212,7 +282,7 @@ class StateTable:
         """Tracked ids without a final state."""
         with self._lock:
             self._reap()
-            return [tid for tid, entry in self._tracked.items() if not is_ready(entry.meta)]
+            return [tid for tid, entry in self._tracked.items() if not is_final(entry.meta)]
 
     def forget(self, task_id: str) -> None:
         """Drop whatever is known of ``task_id`` (buffered reply, tracked state, eviction mark)."""
@@ -220,7 +290,7 @@ class StateTable:
             self._early.pop(task_id, None)
             self._evicted.pop(task_id, None)
             entry = self._tracked.get(task_id)
-            if entry is not None and not entry.waiters:
+            if entry is not None and entry.waiters is None:
                 entry.meta = None
 
     # -- waiting -----------------------------------------------------------------------------
@@ -232,12 +302,12 @@ class StateTable:
                 entry = tracked.get(task_id)
                 if entry is None:
                     raise KeyError(f'task {task_id!r} is not tracked; track() it before watch()')
-                if is_ready(entry.meta):
+                if is_final(entry.meta):
                     waiter.bucket.append((task_id, entry.meta))
                     if isinstance(entry.meta, ReplyQueueLost):
                         entry.meta = None  # told once: a wait after this one waits for a real reply
                 else:
-                    entry.waiters.append(waiter)
+                    entry.waiters = _add(entry.waiters, waiter)
                     waiter.remaining += 1
 
     def unwatch(self, waiter: Waiter, task_ids: Iterable[str]) -> None:
@@ -246,26 +316,26 @@ class StateTable:
             tracked = self._tracked
             for task_id in task_ids:
                 entry = tracked.get(task_id)
-                if entry is not None and entry.waiters:
-                    try:
-                        entry.waiters.remove(waiter)
-                    except ValueError:
-                        pass
+                if entry is not None and entry.waiters is not None:
+                    entry.waiters = _remove(entry.waiters, waiter)
             waiter.remaining = 0
             self._reap()
 
     def fail_pending(self, make_error: Callable[[List[str]], BaseException]) -> List[str]:
-        """Give every waiter of an unfinished id ``make_error(its ids)``; returns all such ids."""
+        """Give every waiter of an unfinished id ``make_error(its ids)``; returns all such ids.
+
+        An unfinished id nobody waits on now keeps the error for its next wait, once.
+        """
+        per_waiter: Dict[int, Tuple[Waiter, List[str]]] = {}
         with self._lock:
             self._reap()
-            pending = [tid for tid, entry in self._tracked.items() if not is_ready(entry.meta)]
-            per_waiter: Dict[int, Tuple[Waiter, List[str]]] = {}
+            pending = [tid for tid, entry in self._tracked.items() if not is_final(entry.meta)]
             for tid in pending:
                 entry = self._tracked[tid]
-                for waiter in entry.waiters:
+                for waiter in _items(entry.waiters):
                     per_waiter.setdefault(id(waiter), (waiter, []))[1].append(tid)
-                if not entry.waiters:
-                    entry.meta = make_error([tid])  # told to the next wait, once (see watch)
+                if entry.waiters is None:
+                    entry.meta = make_error([tid])
         for waiter, ids in per_waiter.values():
             waiter.fail(make_error(ids))
         return pending
@@ -273,10 +343,10 @@ class StateTable:
     # -- replies -----------------------------------------------------------------------------
     def deliver_body(self, correlation_id: Optional[str], content_type: Optional[str],
                      content_encoding: Optional[str], body: bytes) -> bool:
-        """Decode one raw reply and dispatch it; returns False when it was dropped as malformed."""
+        """Decode one raw reply and dispatch it; False when it was dropped or refused as malformed."""
         try:
-            if (self._fast_json and content_type == 'application/json'
-                    and (content_encoding == 'utf-8' or content_encoding is None)
+            if (self._fast_json and content_type == _JSON
+                    and (content_encoding is None or content_encoding == _UTF8)
                     and b'"__type__"' not in body):
                 payload = fast_json(body.decode('utf-8'))  # kombu's result: no type markers to revive
             else:
@@ -286,9 +356,12 @@ class StateTable:
         except Exception as exc:  # any codec error is the sender's fault, not ours
             reason = f'undecodable {content_type!r} body ({type(exc).__name__}: {exc})'
             return self.deliver_error(correlation_id, MalformedResult(correlation_id or '?', reason), reason)
-        if not isinstance(payload, Mapping):
-            reason = f'body is a {type(payload).__name__}, not a result mapping'
-            return self.deliver_error(correlation_id, MalformedResult(correlation_id or '?', reason), reason)
+        if type(payload) is not dict:
+            if not isinstance(payload, Mapping):
+                reason = f'body is a {type(payload).__name__}, not a result mapping'
+                return self.deliver_error(correlation_id, MalformedResult(correlation_id or '?', reason),
+                                          reason)
+            payload = dict(payload)
         status = payload.get('status')
         if not isinstance(status, str):
             reason = 'result mapping has no status'
@@ -296,23 +369,36 @@ class StateTable:
         task_id = correlation_id or payload.get('task_id')
         if not isinstance(task_id, str) or not task_id:
             return self.deliver_error(None, None, 'reply has neither a correlation_id nor a task_id')
-        if not isinstance(payload, dict):
-            payload = dict(payload)
         if payload.get('task_id') != task_id:
             payload['task_id'] = task_id
         self.deliver(task_id, payload)
         return True
 
-    def deliver_many(self, deliveries: Iterable[Tuple[int, Optional[str], Optional[str], Optional[str], bytes]]) -> int:
-        """Dispatch parsed deliveries ``(tag, correlation_id, content_type, content_encoding, body)``."""
+    def deliver_many(self, deliveries: Sequence[Delivery]) -> int:
+        """Dispatch parsed deliveries ``(tag, correlation_id, content_type, content_encoding, body)``.
+
+        A reply whose dispatch fails (a bug, a hostile payload) is not lost silently: its
+        waiters get the error at once.
+        """
         count = 0
-        for _, correlation_id, content_type, content_encoding, body in deliveries:
+        for item in deliveries:
+            correlation_id = item[1]
             try:
-                self.deliver_body(correlation_id, content_type, content_encoding, body)
-            except Exception:  # a bug must not cost the replies after this one
-                logger.exception('error while dispatching the reply for %s', correlation_id)
+                self.deliver_body(correlation_id, item[2], item[3], item[4])
+            except Exception as exc:
+                self.dispatch_failed(correlation_id, exc)
             count += 1
         return count
+
+    def dispatch_failed(self, correlation_id: Optional[str], exc: BaseException) -> None:
+        """A reply could not be dispatched: log it and hand the error to its waiters (never raises)."""
+        logger.error('error while dispatching the reply for %s', correlation_id,
+                     exc_info=(type(exc), exc, exc.__traceback__))
+        reason = f'the reply could not be dispatched ({type(exc).__name__}: {exc})'
+        try:
+            self.deliver_error(correlation_id, MalformedResult(correlation_id or '?', reason), reason)
+        except Exception:  # nothing more we can do for this reply; the next one must still pass
+            logger.exception('could not report the failed reply for %s', correlation_id)
 
     def deliver_error(self, task_id: Optional[str], error: Optional[BaseException], reason: str) -> bool:
         """A reply that cannot become a meta: its waiters get ``error``; else a counted, logged drop."""
@@ -327,14 +413,13 @@ class StateTable:
             if entry is None:
                 self._buffer(task_id, error)  # a later get() for this id gets the error, not a hang
                 return False
-            if is_ready(entry.meta) and not isinstance(entry.meta, BaseException):
+            if is_final(entry.meta) and not isinstance(entry.meta, BaseException):
                 return False
             entry.meta = error
-            waiters, entry.waiters = entry.waiters, []
+            waiters = _items(entry.waiters)
+            entry.waiters = None
         for waiter in waiters:
-            waiter.bucket.append((task_id, error))
-            waiter.remaining -= 1
-            waiter.notify()
+            waiter.arrived(task_id, error)
         return False
 
     def deliver(self, task_id: str, meta: Meta) -> None:
@@ -348,30 +433,24 @@ class StateTable:
                 self._buffer(task_id, meta)
                 return
             old = entry.meta
-            ready = meta.get('status') in READY_STATES
-            if old is not None and not isinstance(old, BaseException) and old.get('status') in READY_STATES:
+            if old is not None and not isinstance(old, BaseException) and _final_status(old.get('status')):
                 self.duplicates += 1
                 return
             entry.meta = meta
             self.dispatched += 1
             waiters = entry.waiters
-            if not waiters:
+            if waiters is None:
                 return
-            if ready:
-                entry.waiters = []
-            else:
+            final = _final_status(meta.get('status'))
+            if final:
+                entry.waiters = None
+            elif type(waiters) is list:
                 waiters = list(waiters)  # watch/unwatch may change the live list meanwhile
-        for waiter in waiters:
-            on_message = waiter.on_message
-            if on_message is not None:
-                try:
-                    on_message(meta)
-                except Exception as exc:  # the user's callback: its error belongs to its waiter
-                    waiter.fail(exc)
-            if ready:
-                waiter.bucket.append((task_id, meta))
-                waiter.remaining -= 1
-                waiter.notify()
+        if type(waiters) is list:
+            for waiter in waiters:
+                _tell(waiter, task_id, meta, final)
+        else:
+            _tell(waiters, task_id, meta, final)
 
     def _buffer(self, task_id: str, meta: Any) -> None:
         """Keep a reply nobody holds a result for (lock held); evict the oldest past the bound."""
@@ -383,7 +462,7 @@ class StateTable:
                 return
         if task_id in early:
             old = early.pop(task_id)
-            if is_ready(old) and not is_ready(meta):
+            if is_final(old) and not is_final(meta):
                 meta = old
         else:
             self.buffered += 1
@@ -402,7 +481,11 @@ class StateTable:
 
     # -- introspection -----------------------------------------------------------------------
     def counters(self) -> Dict[str, int]:
-        """Counters and sizes a user can log."""
+        """Counters and sizes a user can log (collected result objects are reaped first)."""
+        with self._lock:
+            self._reap()
+            tracked = len(self._tracked)
+            buffered = len(self._early)
         return {
             'received': self.received,
             'dispatched': self.dispatched,
@@ -412,25 +495,17 @@ class StateTable:
             'late_dropped': self.late_dropped,
             'malformed_dropped': self.malformed,
             'duplicates': self.duplicates,
-            'tracked': len(self._tracked),
-            'buffer_size': len(self._early),
+            'tracked': tracked,
+            'buffer_size': buffered,
         }
-
-    def clear(self) -> None:
-        """Forget everything (used in a forked child)."""
-        with self._lock:
-            self._tracked.clear()
-            self._early.clear()
-            self._evicted.clear()
-            self._abandoned.clear()
-            self._collected.clear()
 
 
 def index_results(results: Sequence[Any]) -> Tuple[Dict[str, List[Any]], Dict[str, List[int]]]:
     """``(results by id, member positions by id)`` for a join (duplicate ids share one entry)."""
     by_id: Dict[str, List[Any]] = {}
     positions: Dict[str, List[int]] = {}
-    for index, result in enumerate(results):
+    index = 0
+    for result in results:
         task_id = result.id
         same = by_id.get(task_id)
         if same is None:
@@ -439,28 +514,28 @@ def index_results(results: Sequence[Any]) -> Tuple[Dict[str, List[Any]], Dict[st
         else:
             same.append(result)
             positions[task_id].append(index)
+        index += 1
     return by_id, positions
 
 
-def fill_values(bucket: Deque[Tuple[str, Any]], by_id: Dict[str, List[Any]],
-                positions: Dict[str, List[int]], values: List[Any], cache: Any) -> Optional[Tuple[str, Any]]:
+def fill_values(bucket: Deque[Tuple[str, Any]], by_id: Dict[str, List[Any]], positions: Dict[str, List[int]],
+                values: List[Any], settle: Callable[[Any, Meta], Any],
+                remember: Optional[Callable[[str, Meta], Any]]) -> Optional[Tuple[str, Any]]:
     """Place plain successes from ``bucket`` into ``values``; stop at the first other item and return it.
 
-    A plain success (a SUCCESS meta without children) becomes the final state of
-    its results, exactly as ``AsyncResult._maybe_set_cache`` would make it.
+    A plain success (a SUCCESS meta without children) becomes the final state of each
+    of its results through ``settle(result, meta)``, and is handed to ``remember``.
     """
     while bucket:
-        task_id, meta = bucket.popleft()
-        if type(meta) is not dict or meta.get('status') != 'SUCCESS' or meta.get('children'):
-            return task_id, meta
+        item = bucket.popleft()
+        task_id = item[0]
+        meta = item[1]
+        if type(meta) is not dict or meta.get('status') != _SUCCESS or meta.get('children'):
+            return item
         for result in by_id[task_id]:
-            if result._cache is None:
-                if result._then is None:
-                    result._cache = meta
-                else:
-                    result._maybe_set_cache(meta)
-        if cache is not None:
-            cache[task_id] = meta
+            settle(result, meta)
+        if remember is not None:
+            remember(task_id, meta)
         value = meta.get('result')
         for index in positions[task_id]:
             values[index] = value

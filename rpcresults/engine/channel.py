@@ -1,4 +1,4 @@
-"""Reply-queue consumption on a kombu channel: replies into the state table, plus acks.
+"""Reading one consumer's deliveries off a kombu channel into the state table, and acking them.
 
 Two adapters with one interface. On a py-amqp channel over plain TCP we read
 the socket ourselves in large chunks (``recv_into`` a reusable buffer), feed
@@ -7,6 +7,11 @@ and every other frame to py-amqp's own frame handler, so py-amqp keeps the
 connection, heartbeats and channel state; acks are batched with
 ``multiple=True``. Elsewhere (TLS, kombu's virtual transports such as
 ``memory://``) the transport reads and we receive one message at a time.
+
+Whatever py-amqp cannot make sense of (a method for a channel we never opened,
+a truncated method payload) comes out of :meth:`ReplyChannel.read` as
+:class:`FrameError`, so the connection is dropped and recovered instead of the
+error reaching a waiter.
 """
 from __future__ import annotations
 
@@ -20,13 +25,14 @@ from typing import Any, Callable, List, Optional
 import amqp
 from amqp.transport import TCPTransport
 
-from ._drain import FrameParser
+from ..exceptions import FrameError
+from ..protocol import FrameParser
 
 logger = logging.getLogger(__name__)
 
-__all__ = ('ReplyChannel', 'ChannelClosedByBroker', 'reply_channel_for', 'detach_after_fork', 'wait_readable')
+__all__ = ('ReplyChannel', 'AmqpReplyChannel', 'VirtualReplyChannel', 'ChannelClosedByBroker',
+           'reply_channel_for', 'detach_after_fork', 'wait_readable', 'CHUNK_SIZE')
 
-OnReply = Callable[[Optional[str], Optional[str], Optional[str], bytes], Any]
 OnCancel = Callable[[str], Any]
 
 #: Size of the reusable receive buffer of the fast path.
@@ -51,6 +57,7 @@ class ChannelClosedByBroker(ConnectionError):
 
     @classmethod
     def from_payload(cls, payload: bytes) -> 'ChannelClosedByBroker':
+        """The error for a ``channel.close`` method payload (an unreadable one still closes)."""
         try:
             (code,) = struct.unpack_from('>H', payload, 4)
             length = payload[6]
@@ -61,16 +68,32 @@ class ChannelClosedByBroker(ConnectionError):
 
 
 class ReplyChannel:
-    """Consume one queue on one channel, feeding ``on_reply``; ack what it has handled."""
+    """Consume one queue on one channel into ``table``; ack what it has handed over."""
 
-    def __init__(self, channel: Any, table: Any, on_cancel: OnCancel) -> None:
+    #: Consume without acks (direct reply-to, where RabbitMQ refuses them).
+    no_ack = False
+
+    def __init__(self, channel: Any, table: Any, on_cancel: OnCancel, no_ack: bool = False) -> None:
         self.channel = channel
         self.table = table
-        self.on_reply: OnReply = table.deliver_body
         self.on_cancel = on_cancel
+        self.no_ack = no_ack
         self.consumer_tag: Optional[str] = None
         self.unacked = 0
         self.acked = 0
+
+    #: Socket reads by our own chunked reader (the fast path only).
+    reads = 0
+
+    @property
+    def socket(self) -> Any:
+        """The socket replies arrive on, when there is one to poll (None otherwise)."""
+        return None
+
+    @property
+    def frames_parsed(self) -> int:
+        """Frames our parser took apart (the fast path only)."""
+        return 0
 
     def read(self, connection: Any, timeout: Optional[float]) -> bool:
         """Wait up to ``timeout`` for input and dispatch it; False when nothing came."""
@@ -78,16 +101,31 @@ class ReplyChannel:
             connection.drain_events(timeout=timeout)
         except socket.timeout:
             return False
+        except (OSError, EOFError, FrameError):
+            raise
+        except Exception as exc:
+            if isinstance(exc, tuple(connection.connection_errors) + tuple(connection.channel_errors)):
+                raise
+            # py-amqp could not dispatch what it read: the stream is not ours to trust any more
+            raise FrameError(f'py-amqp could not handle a frame ({type(exc).__name__}: {exc})') from exc
         return True
 
     def settle(self) -> None:
         """Leave the connection at a frame boundary so py-amqp can read on it (sync calls)."""
 
     def consume(self, queue: str, consumer_tag: str) -> None:
+        """Start consuming ``queue`` under ``consumer_tag``."""
         raise NotImplementedError
 
     def flush_acks(self) -> None:
-        """Ack every reply handed to ``on_reply`` so far."""
+        """Ack every reply handed to the table so far."""
+        if self.no_ack:
+            self.acked += self.unacked  # the broker forgot them when it sent them
+            self.unacked = 0
+            return
+        self._ack()
+
+    def _ack(self) -> None:
         raise NotImplementedError
 
     def cancel(self) -> None:
@@ -101,19 +139,16 @@ class ReplyChannel:
         if isinstance(body, str):
             body = body.encode(content_encoding or 'utf-8')
         try:
-            self.on_reply(correlation_id, content_type, content_encoding, body)
-        except Exception:  # a bug must not wedge the queue: log it, ack, go on
-            logger.exception('error while dispatching a reply for %s', correlation_id)
+            self.table.deliver_body(correlation_id, content_type, content_encoding, body)
+        except Exception as exc:  # never acked without its waiter hearing of it
+            self.table.dispatch_failed(correlation_id, exc)
 
 
 class AmqpReplyChannel(ReplyChannel):
     """py-amqp channel: our own chunked reads and frame parser (plain TCP), batched acks."""
 
-    #: Consume without acks (direct reply-to, where RabbitMQ refuses them).
-    no_ack = False
-
-    def __init__(self, channel: Any, table: Any, on_cancel: OnCancel) -> None:
-        super().__init__(channel, table, on_cancel)
+    def __init__(self, channel: Any, table: Any, on_cancel: OnCancel, no_ack: bool = False) -> None:
+        super().__init__(channel, table, on_cancel, no_ack)
         self._last_tag = 0
         self._connection = channel.connection
         self._transport = self._connection.transport
@@ -122,9 +157,20 @@ class AmqpReplyChannel(ReplyChannel):
         self._buffer = bytearray(CHUNK_SIZE)
         self._view = memoryview(self._buffer)
         self._parser: Any = None
-        self.chunks = 0
+        self.reads = 0
+
+    @property
+    def socket(self) -> Any:
+        """The py-amqp transport's socket (None once closed)."""
+        return self._transport.sock
+
+    @property
+    def frames_parsed(self) -> int:
+        """Frames our parser took apart on this channel."""
+        return self._parser.frames_parsed if self._parser is not None else 0
 
     def consume(self, queue: str, consumer_tag: str) -> None:
+        """Consume ``queue`` (settled at a frame boundary first) and follow it with the parser."""
         self.settle()
         self._last_tag = 0
         self.unacked = 0
@@ -146,6 +192,7 @@ class AmqpReplyChannel(ReplyChannel):
         self.unacked += 1
 
     def read(self, connection: Any, timeout: Optional[float]) -> bool:
+        """One read: our chunked reader on plain TCP, else py-amqp reads; False when nothing came."""
         if not self.fast or self._parser is None:
             if timeout == 0:
                 # py-amqp retries EAGAIN forever inside a started frame on a non-blocking socket:
@@ -155,7 +202,7 @@ class AmqpReplyChannel(ReplyChannel):
                 timeout = PARTIAL_FRAME_WAIT
             return super().read(connection, timeout)
         transport = self._transport
-        pending = transport._read_buffer
+        pending = transport._read_buffer  # what py-amqp read ahead during a synchronous call
         if pending:
             transport._read_buffer = b''
             data: Any = pending
@@ -176,25 +223,35 @@ class AmqpReplyChannel(ReplyChannel):
             if not count:
                 raise ConnectionResetError('the broker closed the reply connection')
             data = self._view[:count]
-        self.chunks += 1
-        self._connection.bytes_recv += 1
+        self.reads += 1
+        self._connection.bytes_recv += 1  # what py-amqp's heartbeat check looks at
         deliveries, others = self._parser.feed(data)
         if deliveries:
-            try:
-                self.table.deliver_many(deliveries)
-            except Exception:  # a bug must not wedge the queue: log it, ack, go on
-                logger.exception('error while dispatching %d replies', len(deliveries))
+            self.table.deliver_many(deliveries)
             self._last_tag = deliveries[-1][0]
             self.unacked += len(deliveries)
         if others:
-            on_frame = self._connection.on_inbound_frame
-            for frame in others:
-                if frame[0] == 1 and frame[2][:4] == CHANNEL_CLOSE:
-                    raise ChannelClosedByBroker.from_payload(frame[2])
-                on_frame(frame)
+            self._hand_to_py_amqp(others)
         return True
 
+    def _hand_to_py_amqp(self, frames: List[Any]) -> None:
+        on_frame = self._connection.on_inbound_frame
+        for frame in frames:
+            if frame[0] == 1 and frame[2][:4] == CHANNEL_CLOSE:  # see ChannelClosedByBroker
+                raise ChannelClosedByBroker.from_payload(frame[2])
+            try:
+                on_frame(frame)
+            except (OSError, EOFError):
+                raise
+            except Exception as exc:
+                if isinstance(exc, tuple(self._connection.connection_errors)
+                              + tuple(self._connection.channel_errors)):
+                    raise
+                raise FrameError(f'py-amqp could not handle a frame on channel {frame[1]} '
+                                 f'({type(exc).__name__}: {exc})') from exc
+
     def settle(self) -> None:
+        """Read on to the end of a message that has started, then hand py-amqp the rest."""
         parser = self._parser
         if parser is None or not self.fast:
             return
@@ -206,10 +263,11 @@ class AmqpReplyChannel(ReplyChannel):
             self._transport._read_buffer = remainder + self._transport._read_buffer
 
     def cancel(self) -> None:
+        """Stop consuming, from a frame boundary."""
         self.settle()
         super().cancel()
 
-    def flush_acks(self) -> None:
+    def _ack(self) -> None:
         if self.unacked:
             self.channel.basic_ack(self._last_tag, multiple=True)
             self.acked += self.unacked
@@ -219,14 +277,15 @@ class AmqpReplyChannel(ReplyChannel):
 class VirtualReplyChannel(ReplyChannel):
     """kombu virtual channel (``memory://``, Redis transport, ...): acks one tag at a time."""
 
-    def __init__(self, channel: Any, table: Any, on_cancel: OnCancel) -> None:
-        super().__init__(channel, table, on_cancel)
+    def __init__(self, channel: Any, table: Any, on_cancel: OnCancel, no_ack: bool = False) -> None:
+        super().__init__(channel, table, on_cancel, no_ack)
         self._tags: List[Any] = []
 
     def consume(self, queue: str, consumer_tag: str) -> None:
+        """Consume ``queue`` through kombu's virtual channel."""
         self._tags = []
         self.unacked = 0
-        self.channel.basic_consume(queue, no_ack=False, callback=self._on_message,
+        self.channel.basic_consume(queue, no_ack=self.no_ack, callback=self._on_message,
                                    consumer_tag=consumer_tag)
         self.consumer_tag = consumer_tag
 
@@ -236,7 +295,7 @@ class VirtualReplyChannel(ReplyChannel):
         self._tags.append(message.delivery_tag)
         self.unacked += 1
 
-    def flush_acks(self) -> None:
+    def _ack(self) -> None:
         tags, self._tags = self._tags, []
         for tag in tags:
             self.channel.basic_ack(tag)
@@ -260,11 +319,11 @@ def wait_readable(sock: Any, timeout: float) -> bool:
     return bool(poller.poll(timeout * 1000))
 
 
-def reply_channel_for(channel: Any, table: Any, on_cancel: OnCancel) -> ReplyChannel:
+def reply_channel_for(channel: Any, table: Any, on_cancel: OnCancel, no_ack: bool = False) -> ReplyChannel:
     """The adapter that fits ``channel``."""
     if isinstance(channel, amqp.Channel):
-        return AmqpReplyChannel(channel, table, on_cancel)
-    return VirtualReplyChannel(channel, table, on_cancel)
+        return AmqpReplyChannel(channel, table, on_cancel, no_ack)
+    return VirtualReplyChannel(channel, table, on_cancel, no_ack)
 
 
 def detach_after_fork(connection: Any) -> None:
