@@ -35,12 +35,14 @@ DEFAULTS: Dict[str, Any] = {
     'result_reply_queue_expires': 300.0,
     'result_cache_max': -1,
     'result_buffer_max': 10000,
+    'result_remember_max': None,
     'result_extended': False,
     'result_keep_late_replies': True,
     'result_publish_mandatory': True,
     'result_publish_confirm': False,
     'result_publish_confirm_timeout': 10.0,
     'result_backend_transport_options': {},
+    'task_remote_tracebacks': False,
 }
 
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Generator, Iterato
 from . import _control, states
 from ._current import app_or_default
 from ._meta import ErrorMeta, error_meta
+from ._raising import assert_will_not_block, rebuild_exception, remote_traceback
 from ._then import Callbacks
 from .exceptions import ImproperlyConfigured, IncompleteStream, MalformedResult, TaskRevokedError, TimeoutError
 from .graph import DependencyGraph
@@ -23,25 +24,12 @@ from .graph import DependencyGraph
 if TYPE_CHECKING:  # pragma: no cover
     from .app import App
 
-__all__ = ('ResultBase', 'AsyncResult', 'EagerResult', 'result_from_tuple', 'DependencyGraph',
-           'rebuild_exception')
+__all__ = ('ResultBase', 'AsyncResult', 'EagerResult', 'result_from_tuple', 'DependencyGraph')
 
 Meta = Dict[str, Any]
 Callback = Callable[..., Any]
 
 logger = logging.getLogger('rpcresults.result')
-
-
-def rebuild_exception(backend: Any, meta: Meta) -> Meta:
-    """A copy of ``meta`` whose exception result is a real exception (errors become the value)."""
-    value = meta.get('result')
-    if meta.get('status') in states.EXCEPTION_STATES and not isinstance(value, BaseException):
-        meta = dict(meta)
-        try:
-            meta['result'] = backend.exception_to_python(value)
-        except Exception as exc:  # SecurityError & co.: the refusal itself is the waiter's error
-            meta['result'] = exc
-    return meta
 
 
 class ResultBase:
@@ -272,8 +260,11 @@ class AsyncResult(ResultBase):
         return self.state == states.FAILURE
 
     def exists(self) -> bool:
-        """True when any state beyond PENDING is known for this task."""
-        return self.state != states.PENDING
+        """True when the backend has a result for this task (a state beyond PENDING, Celery 5.7's
+        ``exists()``): tells a task still pending from an id nobody knows."""
+        if self._cache is not None:
+            return True
+        return bool(self.backend.task_result_exists(self.id))
 
     # -- waiting -----------------------------------------------------------------------------
     def get(self, timeout: Optional[float] = None, propagate: bool = True, interval: float = 0.5,
@@ -289,6 +280,8 @@ class AsyncResult(ResultBase):
         """
         if self.ignored:
             return None
+        if disable_sync_subtasks:
+            assert_will_not_block()
         if follow_parents and propagate and self.parent is not None:
             self._maybe_reraise_parent_error()
         if self._cache is not None:
@@ -354,6 +347,10 @@ class AsyncResult(ResultBase):
                 exc.remote_traceback = traceback  # type: ignore[attr-defined]
             except AttributeError:
                 pass
+        if traceback and self.app.conf.get('task_remote_tracebacks'):
+            remote = remote_traceback(traceback)
+            if remote is not None:
+                raise exc.with_traceback(remote)
         raise exc
 
     def then(self, callback: Callback, on_error: Optional[Callback] = None, weak: bool = False) -> 'AsyncResult':
@@ -509,9 +506,16 @@ class EagerResult(AsyncResult):
         """Nothing is stored anywhere for an eager result."""
 
     def revoke(self, *args: Any, **kwargs: Any) -> None:
-        """Mark the eager result REVOKED (nothing runs anywhere to be stopped)."""
+        """Mark the eager result REVOKED (nothing runs anywhere to be stopped).
+
+        As in Celery 5.7, its value becomes ``TaskRevokedError('revoked')`` (what a backend
+        stores for a revoked task, so ``get()`` raises it) and the traceback ``None``.
+        """
         self._state = states.REVOKED
-        self._cache = dict(self._cache, status=states.REVOKED)  # type: ignore[arg-type]
+        self._result = TaskRevokedError('revoked')
+        self._traceback = None
+        self._cache = dict(self._cache, status=states.REVOKED, result=self._result,  # type: ignore[arg-type]
+                           traceback=None)
 
     def settle(self, meta: Meta) -> Meta:
         """An eager result is final from the start: it keeps its own state."""

@@ -32,6 +32,7 @@ import kombu.exceptions
 
 from . import _fork
 from .engine.channel import detach_after_fork
+from .engine.publish import PublishLink, with_retries
 from .app import App, app_or_default
 from .result import AsyncResult
 
@@ -125,10 +126,15 @@ class Client:
         return self.backend.reply_properties('')['reply_to']
 
     # -- publishing --------------------------------------------------------------------------
-    def _get_producer(self) -> kombu.Producer:
+    def _get_producer(self) -> Any:
+        """What publishes: a :class:`PublishLink` over py-amqp (the frame writer, one write per
+        request), else kombu's Producer (virtual transports such as ``memory://``)."""
         if self._producer is None:
             self._connection = self.app.connection()
-            self._producer = kombu.Producer(self._connection, auto_declare=False)
+            if PublishLink.usable(self._connection):
+                self._producer = PublishLink(self._connection)
+            else:
+                self._producer = kombu.Producer(self._connection, auto_declare=False)
         return self._producer
 
     def _drop_connection(self) -> None:
@@ -136,10 +142,31 @@ class Client:
         connection, self._connection = self._connection, None
         self._producer = None
         self._declared.clear()
+        if connection is None:
+            return
         try:
             connection.collect()
         except Exception:
             logger.debug('error while dropping the publishing connection', exc_info=True)
+
+    def _declare(self, queue: str) -> None:
+        self._get_producer()
+        self._ensure_queue(queue)
+
+    def _send(self, task_id: str, body: Any, routing_key: str, exchange: str, declare: bool,
+              options: Dict[str, Any]) -> None:
+        """One attempt: make the queues exist, then publish (lock held)."""
+        producer = self._get_producer()
+        if declare and not exchange:
+            self._ensure_queue(routing_key)
+        self.backend.on_task_call(producer, task_id)
+        if isinstance(producer, PublishLink):
+            producer.check()
+            producer.add(exchange, routing_key, body, **options)
+            producer.send()
+        else:  # kombu retries (and reconnects) within the policy itself
+            producer.publish(body, routing_key=routing_key, exchange=exchange, retry=True,
+                             retry_policy=self.retry_policy, **options)
 
     def _ensure_queue(self, queue: str) -> None:
         """Make ``queue`` exist (passively checked; declared without arguments only when missing)."""
@@ -179,18 +206,12 @@ class Client:
             if direct is None:
                 self.backend.add_pending_result(result)  # tracked before any reply can arrive
             with self._lock:
-                producer = self._get_producer()
-                try:
-                    if declare and not exchange:
-                        self._ensure_queue(routing_key)
-                    if direct is None:
-                        self.backend.on_task_call(producer, task_id)
-                        producer.publish(body, routing_key=routing_key, exchange=exchange, retry=True,
-                                         retry_policy=self.retry_policy, **options)
-                except (OSError, kombu.exceptions.OperationalError, *self._connection.connection_errors,
-                        *self._connection.channel_errors):
-                    self._drop_connection()  # the next request starts on a new one
-                    raise
+                if direct is None:
+                    with_retries(lambda: self._send(task_id, body, routing_key, exchange, declare, options),
+                                 self._drop_connection, self.retry_policy, f'sending request {task_id}')
+                elif declare and not exchange:
+                    with_retries(lambda: self._declare(routing_key), self._drop_connection, self.retry_policy,
+                                 f'declaring queue {routing_key}')
             if direct is not None:
                 direct(body, routing_key=routing_key, exchange=exchange, result=result, **options)
         except BaseException:

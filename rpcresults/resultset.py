@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Iterable, Iterator
 from . import _control, states
 from ._current import app_or_default
 from ._then import Callbacks
-from .asyncresult import AsyncResult, ResultBase, rebuild_exception
+from ._raising import assert_will_not_block, rebuild_exception
+from .asyncresult import AsyncResult, ResultBase
 from .exceptions import TaskRevokedError, TimeoutError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -45,13 +46,18 @@ class ResultSet(ResultBase):
 
     @property
     def backend(self) -> Any:
-        """The first member's backend (the app's backend when the set is empty)."""
-        return self.results[0].backend if self.results else self.app.backend
+        """The first member's backend that has one (eager results have none), else the app's."""
+        for result in self.results:
+            backend = getattr(result, 'backend', None)
+            if backend is not None:
+                return backend
+        return self.app.backend
 
     @property
-    def supports_native_join(self) -> bool:
-        """True when every member's backend supports ``join_native`` (``get()`` then uses it)."""
-        return all(result.supports_native_join for result in self.results)
+    def supports_native_join(self) -> Optional[bool]:
+        """Whether the first member's backend joins natively (``get()`` then uses ``join_native``);
+        None for an empty set, as in Celery."""
+        return self.results[0].supports_native_join if self.results else None
 
     # -- membership --------------------------------------------------------------------------
     def add(self, result: ResultBase) -> None:
@@ -189,6 +195,8 @@ class ResultSet(ResultBase):
              on_message: Optional[Callable[[Meta], Any]] = None, disable_sync_subtasks: bool = True,
              on_interval: Optional[Callable[[], Any]] = None) -> List[Any]:
         """Wait for each member in turn; ``timeout`` bounds the whole join."""
+        if disable_sync_subtasks:
+            assert_will_not_block()
         deadline = None if timeout is None else time.monotonic() + timeout
         values = []
         for result in self.results:
@@ -212,6 +220,8 @@ class ResultSet(ResultBase):
                     on_interval: Optional[Callable[[], Any]] = None,
                     disable_sync_subtasks: bool = True) -> List[Any]:
         """Wait for all members at once; values come back in member order (``[]`` when empty)."""
+        if disable_sync_subtasks:
+            assert_will_not_block()
         if not self.results:
             return []
         backend = self._common_backend()

@@ -3,7 +3,10 @@
 Decoding never imports a module: an exception class is looked up only among
 modules already imported, anything that is not an exception class is refused
 with :class:`SecurityError`, and an unknown class becomes a synthetic subclass
-of :class:`Exception` carrying the sender's name.
+of :class:`Exception` carrying the sender's name. Only subclasses of
+:class:`Exception` are rebuilt as themselves: a payload naming ``SystemExit``,
+``KeyboardInterrupt`` or any other ``BaseException`` outside it gets such a
+stand-in too, so ``except Exception`` still catches what ``get()`` raises.
 """
 from __future__ import annotations
 
@@ -126,6 +129,10 @@ def exception_to_python(exc: Any) -> Optional[BaseException]:
     if not isinstance(cls, type) or not issubclass(cls, BaseException):
         where = name if module is None else f'{module}.{name}'
         raise SecurityError(f'expected an exception class, got {where} with payload {message!r:.200}')
+    if not issubclass(cls, Exception):
+        # SystemExit, KeyboardInterrupt, GeneratorExit, CancelledError: raised by get(), they would
+        # escape ``except Exception`` and stop the caller's thread; a stand-in with the name cannot
+        cls = synthetic_exception_class(name, module)
     args = tuple(message) if isinstance(message, (list, tuple)) else (message,)
     try:
         return cls(*args)

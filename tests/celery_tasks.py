@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Optional
+import uuid
+from typing import Any, Dict, Optional
 
 from celery import Celery, bootsteps
 
@@ -26,6 +27,12 @@ TASK_SLEEP = 'tests.celery_tasks.sleep'
 TASK_ECHO = 'tests.celery_tasks.echo'
 TASK_TOUCH = 'tests.celery_tasks.touch'
 TASK_WAIT_FOR_FILE = 'tests.celery_tasks.wait_for_file'
+TASK_JOIN_INSIDE = 'tests.celery_tasks.join_inside'
+TASK_RPCRESULTS_JOIN_INSIDE = 'tests.celery_tasks.rpcresults_join_inside'
+
+#: Set (to anything non-empty) in the worker's environment: the worker sends extended results
+#: (``result_extended``: task name, args, kwargs, worker, queue in every result).
+RESULT_EXTENDED_VAR = 'RPCRESULTS_CELERY_RESULT_EXTENDED'
 
 
 def _configure(app: Celery, queue: Optional[str]) -> None:
@@ -83,6 +90,7 @@ app = Celery('rpcresults-celery-tests',
              broker=os.environ.get(BROKER_URL_VAR, DEFAULT_BROKER_URL),
              backend=os.environ.get(BACKEND_VAR, DEFAULT_BACKEND))
 _configure(app, None)
+app.conf.result_extended = bool(os.environ.get(RESULT_EXTENDED_VAR))
 app.steps['worker'].add(_Tick)
 
 
@@ -138,3 +146,47 @@ def wait_for_file(started: str, gate: str, timeout: float = 60.0) -> bool:
             return False
         time.sleep(0.02)
     return True
+
+
+@app.task(name=TASK_JOIN_INSIDE, bind=True)
+def join_inside(self: Any, allow: bool) -> Dict[str, str]:
+    """Waits, inside the task, for another result through the worker's own backend.
+
+    A final state for a new id is first published to the worker's own reply queue, so the
+    result is there to read; then ``AsyncResult(id).get(disable_sync_subtasks=not allow)``.
+    Returns ``{'marker': 'refused: <the RuntimeError>' or 'value: <the value>', 'reply_queue':
+    <the worker's reply queue>}`` (the test deletes that queue once the worker is gone).
+    """
+    from celery.app.task import Context
+
+    backend = self.app.backend
+    task_id = str(uuid.uuid4())
+    with self.app.producer_or_acquire() as producer:
+        backend.binding(producer.channel).declare()  # the reply queue exists before the publish
+    backend.store_result(task_id, 'inner', 'SUCCESS',
+                         request=Context(reply_to=backend.oid, correlation_id=task_id))
+    try:
+        value = self.app.AsyncResult(task_id).get(timeout=20, disable_sync_subtasks=not allow)
+    except RuntimeError as exc:
+        return {'marker': f'refused: {exc}', 'reply_queue': backend.oid}
+    return {'marker': f'value: {value}', 'reply_queue': backend.oid}
+
+
+@app.task(name=TASK_RPCRESULTS_JOIN_INSIDE)
+def rpcresults_join_inside() -> str:
+    """Builds an rpcresults ``App`` (not Celery's) inside the task and waits on one of its results:
+    'refused: <the RuntimeError>' when rpcresults honours Celery's task_join_will_block,
+    else 'waited: <what get() did>'."""
+    import rpcresults
+
+    client = rpcresults.App(app.conf.broker_url, result_reply_queue_expires=10)
+    try:
+        try:
+            value = client.AsyncResult(str(uuid.uuid4())).get(timeout=0.1)
+        except RuntimeError as exc:
+            return f'refused: {exc}'
+        except Exception as exc:  # e.g. its TimeoutError: it did wait
+            return f'waited: {type(exc).__name__}: {exc}'
+        return f'waited: returned {value!r}'
+    finally:
+        client.close()

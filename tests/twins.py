@@ -24,7 +24,7 @@ __all__ = ('TWINS', 'STEMS', 'NO_EXTENSIONS_VAR', 'BUILD_HINT', 'Twin', 'load_tw
 #: The fixture params, in order.
 TWINS = ('pure', 'compiled')
 #: The twinned modules: ``rpcresults/protocol/_<stem>_py.py``.
-STEMS = ('frames', 'table')
+STEMS = ('frames', 'table', 'memo', 'decode', 'writer', 'join')
 
 NO_EXTENSIONS_VAR = 'RPCRESULTS_NO_EXTENSIONS'
 
@@ -69,12 +69,16 @@ def load_twin(kind: str, module_stem: str) -> ModuleType:
 
 
 class Twin:
-    """One implementation of the protocol layer: ``kind`` and its ``frames`` and ``table`` modules."""
+    """One implementation of the protocol layer: ``kind`` and its modules (``frames``, ``table``, ...)."""
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self.frames = load_twin(kind, 'frames')
         self.table = load_twin(kind, 'table')
+        self.memo = load_twin(kind, 'memo')
+        self.decode = load_twin(kind, 'decode')
+        self.writer = load_twin(kind, 'writer')
+        self.join = load_twin(kind, 'join')
 
     def __repr__(self) -> str:
         return f'<Twin {self.kind}>'

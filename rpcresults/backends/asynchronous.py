@@ -16,9 +16,11 @@ import weakref
 from collections import deque
 from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from .. import states
 from .._meta import error_meta, pending_meta
 from ..engine.asyncio_driver import AsyncDriver
-from ..engine.connection import FIRST_CONNECT_BUDGET, ReplyConnection, ReplyQueue
+from ..engine.connection import FIRST_CONNECT_BUDGET, ReplyConnection
+from ..engine.replyqueue import ReplyQueue
 from ..engine.drivers import Drainer, detect_environment, drainer_for, drainers, register_drainer
 from ..engine.green import EventletDrainer, GeventDrainer, GreenDrainer  # registers them too
 from ..engine.reader import ReaderElection
@@ -32,6 +34,11 @@ __all__ = ('AsyncBackendMixin', 'BaseResultConsumer', 'Drainer', 'GreenDrainer',
 logger = logging.getLogger(__name__)
 
 Meta = Dict[str, Any]
+
+#: How long a poll (``state``, ``get_task_meta``) waits for the replies its queue holds.
+POLL_BUDGET = 2.0
+#: While another thread reads, how often a poll looks whether that reader stopped.
+QUEUED_LOOK = 0.005
 
 
 class BaseResultConsumer:
@@ -165,35 +172,77 @@ class BaseResultConsumer:
         """Read as the leader until ``until()`` or ``deadline`` (reconnects give up at ``give_up_at``)."""
         self.connection.read_until(until, deadline, give_up_at, wait_input)
 
-    def read_now(self, limit: Optional[int] = None) -> Tuple[int, bool]:
+    def read_now(self, limit: Optional[int] = None, queued: bool = False) -> Tuple[int, bool]:
         """Read what already arrived, never blocking on a reconnect: ``(count, exhausted)``.
 
-        Does nothing while another thread reads. A connection found broken is only
-        dropped; the next blocking wait rebuilds it. A backend that never connected
-        makes one attempt, bounded by ``FIRST_CONNECT_BUDGET`` seconds.
+        With ``queued``, also every reply the reply queue holds now (see
+        :meth:`ReplyConnection.read_queued`), for up to ``POLL_BUDGET`` seconds; while
+        another thread reads, this one marks the queue and waits for that reader to
+        dispatch what is ahead of the marker. A connection found broken is only dropped; the next
+        blocking wait rebuilds it. A backend that never connected makes one attempt,
+        bounded by ``FIRST_CONNECT_BUDGET`` seconds.
         """
-        if not self.election.try_lead():
-            return 0, True
         connection = self.connection
+        deadline = time.monotonic() + (POLL_BUDGET if queued else FIRST_CONNECT_BUDGET)
+        if not self.election.try_lead():
+            if queued:
+                self._await_queued(deadline)
+            return 0, True
         try:
-            return connection.read_available(limit, deadline=time.monotonic() + FIRST_CONNECT_BUDGET,
-                                             recover=False)
+            if queued:
+                return connection.read_queued(limit, deadline)
+            return connection.read_available(limit, deadline=deadline, recover=False)
         except (ResultBackendClosed, TimeoutError) + connection.recoverable() as exc:
             logger.debug('no replies read for %s now: %r', self.name, exc)
             return 0, True
         finally:
             self.election.resign()
 
+    def _await_queued(self, deadline: float) -> None:
+        """Another thread reads: mark the queue (once that thread connected), wait until it
+        dispatched what was ahead of the marker, taking over the read if it stops first; up to
+        ``deadline``."""
+        connection, election = self.connection, self.election
+        arrived: Optional[Callable[[], bool]] = None
+        while connection.marks_beside_reader or arrived is not None:
+            if arrived is None:
+                arrived = connection.ask_queued()
+            elif arrived():
+                return
+            if election.lead_within(QUEUED_LOOK):  # the reader resigned: read on ourselves
+                try:
+                    if arrived is None:
+                        connection.read_queued(None, deadline)
+                    while arrived is not None and not arrived() and time.monotonic() < deadline:
+                        connection.read(max(deadline - time.monotonic(), 0), deadline, recover=False)
+                    connection.read_available(deadline=deadline, recover=False)
+                except (ResultBackendClosed, TimeoutError) + connection.recoverable() as exc:
+                    logger.debug('no replies read for %s now: %r', self.name, exc)
+                finally:
+                    election.resign()
+                return
+            if time.monotonic() >= deadline:
+                return
+
     def poll(self, task_id: str, backlog_limit: int, backlog_error: type) -> Meta:
-        """``get_task_meta``: read up to ``backlog_limit`` waiting replies, then look ``task_id`` up.
+        """``get_task_meta``: read up to ``backlog_limit`` replies the queue holds, then look ``task_id`` up.
 
         Every reply read lands in the state table (the newest per id wins); more than
-        ``backlog_limit`` replies in the way raise ``backlog_error(task_id)``.
+        ``backlog_limit`` replies in the way raise ``backlog_error(task_id)``. A final
+        state already in the table is returned without asking the broker.
         """
-        _, exhausted = self.read_now(backlog_limit)
+        known = self.final_meta(task_id)
+        if known is not None:
+            return known
+        _, exhausted = self.read_now(backlog_limit, queued=True)
         if not exhausted:
             raise backlog_error(task_id)
         return self.lookup(task_id)
+
+    def final_meta(self, task_id: str) -> Optional[Meta]:
+        """``task_id``'s final meta when the table (or the result cache) already holds it."""
+        meta = self.lookup(task_id)
+        return meta if meta['status'] in states.READY_STATES else None
 
     def lookup(self, task_id: str) -> Meta:
         """The newest state known for ``task_id`` as a meta (PENDING when nothing arrived)."""
@@ -208,9 +257,13 @@ class BaseResultConsumer:
         return meta  # type: ignore[no-any-return]
 
     def current_meta(self, result: Any, limit: Optional[int] = 65536) -> Meta:
-        """The newest state of ``result`` after reading what already arrived (never blocks)."""
+        """The newest state of ``result`` after reading the replies its queue holds (bounded by
+        ``POLL_BUDGET``; no broker round trip when its final state is already known)."""
         self.track(result)
-        self.read_now(limit)
+        known = self.final_meta(result.id)
+        if known is not None:
+            return known
+        self.read_now(limit, queued=True)
         return self.lookup(result.id)
 
     def fail_waiters(self, error: BaseException) -> None:
@@ -273,12 +326,14 @@ class AsyncBackendMixin(Waiting):
         return consumer.lookup(result.id)
 
     def refresh(self, results: Sequence[Any]) -> None:
-        """Track ``results`` (so replies for them are kept), then read what already arrived."""
+        """Track ``results`` (so replies for them are kept), then read what their queue holds
+        unless every one of them is known final."""
         consumer = self.result_consumer
         pending = [(result.id, result) for result in results if result.settled is None]
         if pending:
             consumer.table.track_many(pending)
-        consumer.read_now()
+            if any(consumer.final_meta(task_id) is None for task_id, _ in pending):
+                consumer.read_now(queued=True)
 
     def watch_then(self, result: Any) -> None:
         """Fire ``result``'s ``then()`` callbacks from whichever thread reads its final reply."""

@@ -45,7 +45,7 @@ def request_field(request: Any, name: str, default: Any = None) -> Any:
     or a message's AMQP property (kombu ``Message`` or py-amqp ``Message``)."""
     if request is None:
         return default
-    if isinstance(request, Mapping):
+    if type(request) is dict or isinstance(request, Mapping):
         return request.get(name, default)
     value = getattr(request, name, _MISSING)
     if value is not _MISSING and not callable(value):
@@ -199,6 +199,11 @@ class Backend:
                 'retries': request_field(request, 'retries'),
                 'queue': delivery_info.get('routing_key') if isinstance(delivery_info, Mapping) else None,
             }
+            stamps = request_field(request, 'stamps')
+            if stamps:  # Celery's stamping: the stamped headers and their values, as Celery stores them
+                stamped = request_field(request, 'stamped_headers')
+                extended['stamped_headers'] = stamped
+                extended.update({key: value for key, value in stamps.items() if key in (stamped or ())})
             if encode:
                 for field in ('args', 'kwargs'):
                     extended[field] = self.encode(extended[field])
@@ -264,6 +269,10 @@ class Backend:
     def cached_final(self, task_id: str) -> Optional[Meta]:
         """``task_id``'s final meta from the result cache, else None."""
         return self._cache.get(task_id)
+
+    def task_result_exists(self, task_id: str) -> bool:
+        """Whether a state beyond PENDING is known for ``task_id`` (``AsyncResult.exists()``)."""
+        return bool(self.get_task_meta(task_id)['status'] != states.PENDING)
 
     def is_cached(self, task_id: str) -> bool:
         """Whether ``task_id``'s final meta is in this client's cache (reads then skip the store)."""
@@ -469,6 +478,10 @@ class KeyValueStoreBackend(BaseBackend):
     def _forget(self, task_id: str) -> None:
         self.delete(self.get_key_for_task(task_id))
 
+    def task_result_exists(self, task_id: str) -> bool:
+        """Whether the store has a key for ``task_id`` (a stored PENDING counts, as in Celery)."""
+        return bool(self.get(self.get_key_for_task(task_id)))
+
     def _mget_to_results(self, values: Sequence[Any], keys: Sequence[str]) -> Dict[str, Meta]:
         return {self._strip_prefix(key): self.decode_result(value)
                 for key, value in zip(keys, values) if value}
@@ -521,7 +534,7 @@ class DisabledBackend(BaseBackend):
     get_task_meta = get_state = get_status = get_result = get_traceback = _is_disabled  # type: ignore
     get_children = wait_for = get_many = wait_for_pending = iter_native = _is_disabled  # type: ignore
     join_values = await_pending = ajoin_values = aiter_ready = _is_disabled  # type: ignore
-    reload_task_result = forget = _is_disabled  # type: ignore
+    reload_task_result = forget = task_result_exists = _is_disabled  # type: ignore
     save_group = restore_group = delete_group = get_group_meta = _is_disabled  # type: ignore
 
     def as_uri(self, include_password: bool = False) -> str:

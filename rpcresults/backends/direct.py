@@ -30,7 +30,7 @@ import kombu
 
 from .._meta import error_meta
 from ..engine.channel import ReplyChannel
-from ..engine.connection import ReplyQueue
+from ..engine.replyqueue import ReplyQueue
 from ..engine.publish import DIRECT_REPLY_TO
 from ..exceptions import ImproperlyConfigured
 from .rpc import ResultConsumer, RPCBackend
@@ -72,6 +72,7 @@ class DirectReplyQueue(ReplyQueue):
     """The pseudo-queue: nothing to declare, no acks; after a reconnect every pending reply is lost."""
 
     no_ack = True
+    countable = False
 
     def __init__(self) -> None:
         super().__init__(lambda: kombu.Queue(DIRECT_REPLY_QUEUE))

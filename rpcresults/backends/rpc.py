@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import kombu
 
 from .. import _fork, serialization
-from ..engine.connection import ReplyQueue
+from ..engine.replyqueue import ReplyQueue
 from ..engine.publish import DIRECT_REPLY_TO, ResultPublisher
 from ..exceptions import BacklogLimitExceeded
 from ..protocol import StateTable
@@ -33,15 +33,19 @@ E_NO_GROUPS = ('The rpc:// result backend keeps no stored state, so it cannot {o
                'use a key-value backend such as redis:// for saved groups.')
 
 
-def make_state_table(accept: Any, buffer_max: int, keep_late: bool) -> StateTable:
-    """A state table decoding replies of the content types in ``accept``."""
+def make_state_table(accept: Any, buffer_max: int, keep_late: bool,
+                     remember_max: Optional[int] = None) -> StateTable:
+    """A state table decoding replies of the content types in ``accept``.
+
+    ``remember_max``: how many evicted ids it remembers (None: 100 × ``buffer_max``, at least 100,000).
+    """
     accept = frozenset(accept or ())
 
     def decode(body: bytes, content_type: Optional[str], content_encoding: Optional[str]) -> Any:
         return serialization.decode(body, content_type, content_encoding, accept)
 
     return StateTable(decode, buffer_max=buffer_max, keep_late=keep_late,
-                      fast_json='application/json' in accept)
+                      fast_json='application/json' in accept, remember_max=remember_max)
 
 
 class ResultConsumer(BaseResultConsumer):
@@ -98,7 +102,8 @@ class RPCBackend(base.Backend, AsyncBackendMixin):
     def new_table(self) -> StateTable:
         """A new state table with this app's buffer settings."""
         conf = self.app.conf
-        return make_state_table(self.accept, conf.result_buffer_max, conf.result_keep_late_replies)
+        return make_state_table(self.accept, conf.result_buffer_max, conf.result_keep_late_replies,
+                                conf.result_remember_max)
 
     # -- the reply queue ---------------------------------------------------------------------
     @property

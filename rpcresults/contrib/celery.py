@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tupl
 from celery.backends import rpc as celery_rpc
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 
-from .. import _fork
+from .. import _fork, serialization
 from ..backends.rpc import ResultConsumer as _RPCResultConsumer
 from ..backends.rpc import make_state_table
 from ..engine import wait as core
@@ -37,6 +37,7 @@ Meta = Dict[str, Any]
 #: Defaults of the rpcresults settings a Celery app does not have.
 BUFFER_MAX = 10000
 KEEP_LATE = True
+REPLY_QUEUE_EXPIRES = 300.0
 
 
 class ResultConsumer(_RPCResultConsumer):
@@ -51,7 +52,13 @@ class ResultConsumer(_RPCResultConsumer):
         return result._cache  # type: ignore[no-any-return]
 
     def settle(self, result: Any, meta: Meta) -> Meta:
-        """Celery's own caching rule (``_maybe_set_cache``), then what the result holds."""
+        """Celery's own caching rule (``_maybe_set_cache``), then what the result holds.
+
+        A result that already holds its final state (an ``EagerResult`` always does) keeps it.
+        """
+        cached = result._cache
+        if cached is not None:
+            return cached  # type: ignore[no-any-return]
         result._maybe_set_cache(meta)
         return result._cache or meta  # type: ignore[no-any-return]
 
@@ -87,11 +94,26 @@ class RPCBackend(celery_rpc.RPCBackend):
         super().__init__(app, *args, **kwargs)
         _fork.register(self._after_fork)  # Celery's own hook covers multiprocessing only, not os.fork()
 
+    @property
+    def binding(self) -> Any:
+        """The reply queue, declared as rpcresults declares its own: durable, not auto-delete,
+        ``x-expires`` of ``result_reply_queue_expires`` (default 300 s).
+
+        Celery's is auto-delete, so the broker deletes it, and every reply in it, the moment
+        the client's connection drops; this one outlives a cut, and the replies sent meanwhile
+        wait in it for the reconnect. Workers never declare the reply queue, so this changes
+        nothing for them.
+        """
+        expires = self.app.conf.get('result_reply_queue_expires', REPLY_QUEUE_EXPIRES)
+        return self.Queue(self.oid, self.exchange, self.oid, durable=True, auto_delete=False,
+                          expires=expires)
+
     def new_table(self) -> StateTable:
         """A state table with this app's buffer settings (rpcresults' defaults when unset)."""
         conf = self.app.conf
         return make_state_table(self.accept, conf.get('result_buffer_max', BUFFER_MAX),
-                                conf.get('result_keep_late_replies', KEEP_LATE))
+                                conf.get('result_keep_late_replies', KEEP_LATE),
+                                conf.get('result_remember_max'))
 
     # -- registering results -----------------------------------------------------------------
     def add_pending_result(self, result: Any, weak: bool = False, start_drainer: bool = True) -> Any:
@@ -146,6 +168,21 @@ class RPCBackend(celery_rpc.RPCBackend):
         return self.result_consumer.poll(task_id, backlog_limit, self.BacklogLimitExceeded)
 
     poll = get_task_meta
+
+    def exception_to_python(self, exc: Any) -> Any:
+        """Celery's rebuild, except that a class outside ``Exception`` (``SystemExit``,
+        ``KeyboardInterrupt``, ...) becomes a stand-in ``Exception`` subclass with its name,
+        so ``except Exception`` catches what ``get()`` raises."""
+        rebuilt = super().exception_to_python(exc)
+        if isinstance(rebuilt, BaseException) and not isinstance(rebuilt, Exception):
+            cls = type(rebuilt)
+            stand_in = serialization.synthetic_exception_class(cls.__name__, cls.__module__)
+            rebuilt = stand_in(*rebuilt.args)
+        return rebuilt
+
+    def task_result_exists(self, task_id: str) -> bool:
+        """What Celery 5.7's ``AsyncResult.exists()`` calls: a state beyond PENDING is known."""
+        return bool(self.get_task_meta(task_id)['status'] != 'PENDING')
 
     def forget(self, task_id: str) -> None:
         """What ``AsyncResult.forget`` calls: drop the cached meta and any reply held for ``task_id``."""

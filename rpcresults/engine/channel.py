@@ -23,10 +23,11 @@ import struct
 from typing import Any, Callable, List, Optional
 
 import amqp
+from amqp import spec
 from amqp.transport import TCPTransport
 
 from ..exceptions import FrameError
-from ..protocol import FrameParser
+from ..protocol import MARKER_TYPE, FrameParser
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,8 @@ OnCancel = Callable[[str], Any]
 CHUNK_SIZE = 256 * 1024
 #: How long a poll on py-amqp's own reader waits for the rest of a frame that has started.
 PARTIAL_FRAME_WAIT = 0.05
+#: A poll marker left in the queue (its client gone) expires after this (milliseconds).
+MARKER_TTL = '60000'
 #: Method-frame payload prefix of ``channel.close`` (class 20, method 40).
 CHANNEL_CLOSE = struct.pack('>HH', 20, 40)
 
@@ -112,6 +115,14 @@ class ReplyChannel:
 
     def settle(self) -> None:
         """Leave the connection at a frame boundary so py-amqp can read on it (sync calls)."""
+
+    #: Whether :meth:`send_marker` may be called while another thread reads this channel.
+    marks_beside_reader = False
+
+    def send_marker(self, queue: str, body: bytes) -> None:
+        """Publish a poll marker (see :data:`~rpcresults.protocol.MARKER_TYPE`) to ``queue``,
+        behind every reply already in it."""
+        raise NotImplementedError
 
     def consume(self, queue: str, consumer_tag: str) -> None:
         """Start consuming ``queue`` under ``consumer_tag``."""
@@ -267,6 +278,18 @@ class AmqpReplyChannel(ReplyChannel):
         self.settle()
         super().cancel()
 
+    #: py-amqp writes from any thread (under the connection's write lock) beside a reader.
+    marks_beside_reader = True
+
+    def send_marker(self, queue: str, body: bytes) -> None:
+        """Publish the marker through the default exchange on this channel.
+
+        Through ``send_method``, a pure write: py-amqp's ``basic_publish`` first reads the
+        socket (to see a ``connection.blocked``), which must never happen beside the reader.
+        """
+        message = amqp.Message(body, content_type=MARKER_TYPE, expiration=MARKER_TTL)
+        self.channel.send_method(spec.Basic.Publish, 'Bssbb', (0, '', queue, False, False), message)
+
     def _ack(self) -> None:
         if self.unacked:
             self.channel.basic_ack(self._last_tag, multiple=True)
@@ -288,6 +311,12 @@ class VirtualReplyChannel(ReplyChannel):
         self.channel.basic_consume(queue, no_ack=self.no_ack, callback=self._on_message,
                                    consumer_tag=consumer_tag)
         self.consumer_tag = consumer_tag
+
+    def send_marker(self, queue: str, body: bytes) -> None:
+        """Publish the marker through kombu's virtual channel (read by the same thread only)."""
+        message = self.channel.prepare_message(body, content_type=MARKER_TYPE,
+                                               properties={'expiration': MARKER_TTL})
+        self.channel.basic_publish(message, exchange='', routing_key=queue)
 
     def _on_message(self, message: Any) -> None:
         self._handle(message.properties.get('correlation_id'), message.content_type,

@@ -34,8 +34,9 @@ import kombu.exceptions
 
 from ..exceptions import FrameError, ResultBackendClosed, TimeoutError
 from .channel import ReplyChannel, detach_after_fork, reply_channel_for, wait_readable
+from .replyqueue import ReplyQueue
 
-__all__ = ('ReplyConnection', 'ReplyQueue', 'ACK_BATCH')
+__all__ = ('ReplyConnection', 'ACK_BATCH')
 
 logger = logging.getLogger(__name__)
 
@@ -46,52 +47,6 @@ RETRY_PAUSE_STEP = 0.5
 RETRY_PAUSE_MAX = 2.0
 #: A poll on a backend that never connected makes one attempt bounded by this (seconds).
 FIRST_CONNECT_BUDGET = 2.0
-
-
-class ReplyQueue:
-    """The queue a client's replies wait in: its own reply queue, declared by ``binding``.
-
-    ``binding`` returns the kombu Queue to declare (the name follows the client's oid,
-    which changes in a forked child). After a reconnect the queue is first looked for
-    passively: when it is gone (it expired, the broker lost it) the replies it held are
-    gone too, which :meth:`report_lost` tells every pending waiter.
-    """
-
-    #: Consume without acks.
-    no_ack = False
-
-    def __init__(self, binding: Callable[[], kombu.Queue]) -> None:
-        self.binding = binding
-
-    @property
-    def name(self) -> str:
-        """The queue to consume."""
-        return self.binding().name
-
-    def check(self, connection: kombu.Connection) -> None:
-        """Refuse a broker this queue cannot live on (before any connection attempt)."""
-
-    def setup(self, connection: kombu.Connection, channel: Any, reconnect: bool) -> Tuple[Any, Optional[str]]:
-        """Declare the queue on ``channel``: ``(the channel to consume on, why replies were lost or None)``."""
-        lost = None
-        if reconnect:
-            try:
-                channel.queue_declare(queue=self.name, passive=True)
-            except connection.channel_errors:
-                lost = 'the reply queue was gone when the connection came back'
-                channel = connection.channel()  # the refused passive declare closed the old one
-        self.binding()(channel).declare()
-        return channel, lost
-
-    def consume_again(self, replies: ReplyChannel, tag: str) -> str:
-        """The broker cancelled our consumer (the queue was deleted): declare, consume; why replies were lost."""
-        self.binding()(replies.channel).declare()
-        replies.consume(self.name, tag)
-        return 'the reply queue was deleted by the broker'
-
-    def report_lost(self, table: Any, error: Callable[[list], BaseException]) -> list:
-        """Tell the waiters of every pending id that their replies are gone; returns those ids."""
-        return table.fail_pending(error)
 
 
 class ReplyConnection:
@@ -119,6 +74,9 @@ class ReplyConnection:
         self.reconnects = 0
         self.queues_lost = 0
         self.frame_errors = 0
+        self.queue_polls = 0  # poll markers sent
+        self._marks = 0
+        self._mark_token = uuid.uuid4().hex.encode()  # tells our markers from any other
         self._before = {'acked': 0, 'reads': 0, 'frames': 0}  # counts of the channels already replaced
 
     # -- state -------------------------------------------------------------------------------
@@ -165,13 +123,14 @@ class ReplyConnection:
     def stats(self) -> Dict[str, int]:
         """Counters over every connection so far: reconnects, queues_lost, frame_errors (streams
         dropped as unreadable), acked, reads (socket reads by our chunked reader), frames (frames
-        its parser took apart); and of the live connection: heartbeat (seconds, as negotiated),
+        its parser took apart), queue_polls (polls that sent a marker through the queue to read
+        every reply ahead of it); and of the live connection: heartbeat (seconds, as negotiated),
         frame_max, fast_read (1 while our chunked reader reads it, 0 while py-amqp does)."""
         replies = self._replies
         live = _channel_counts(replies) if replies is not None else {}
         raw = getattr(self._connection, '_connection', None)  # py-amqp's, once connected
         counters = {'reconnects': self.reconnects, 'queues_lost': self.queues_lost,
-                    'frame_errors': self.frame_errors}
+                    'frame_errors': self.frame_errors, 'queue_polls': self.queue_polls}
         for key, value in self._before.items():
             counters[key] = value + live.get(key, 0)
         counters.update(heartbeat=int(getattr(raw, 'heartbeat', 0) or 0),
@@ -417,6 +376,82 @@ class ReplyConnection:
             self.heartbeat_if_due(deadline, recover)
         return table.received - start, exhausted
 
+    def read_queued(self, limit: Optional[int] = None, deadline: Optional[float] = None) -> Tuple[int, bool]:
+        """Dispatch every reply the queue held when called, up to ``limit``: ``(count, exhausted)``.
+
+        What a poll needs (``state``, ``get_task_meta``): replies still in the broker's queue,
+        not only those already on the socket. A marker published to the queue goes in behind
+        them, so once it is read, so are they; by ``deadline`` this returns what it has.
+        Never reconnects: a broken connection is only dropped, for the next wait to rebuild.
+        The caller leads the read (see the reader election).
+        """
+        table = self.table
+        start = table.received
+        count, exhausted = self.read_available(limit, deadline, recover=False)
+        replies = self._replies
+        if not exhausted or replies is None or not self.queue.countable:
+            return count, exhausted
+        try:
+            arrived = self._mark(replies)
+            while not arrived():
+                if limit is not None and table.received - start > limit:
+                    exhausted = False
+                    break
+                timeout = None if deadline is None else deadline - time.monotonic()
+                if timeout is not None and timeout <= 0:
+                    logger.debug('the marker of a poll of %s did not come back in time', self.queue.name)
+                    break
+                self.read(timeout, deadline, recover=False)
+                if replies.unacked >= ACK_BATCH:
+                    self._flush_acks(deadline, False)
+        except self.recoverable() as exc:
+            self._lost_while_writing(replies, exc, deadline, False)
+        finally:
+            self._flush_acks(deadline, False)
+        count = table.received - start
+        return count, exhausted and (limit is None or count <= limit)
+
+    def ask_queued(self) -> Optional[Callable[[], bool]]:
+        """While another thread reads: mark the queue; returns a check that is True once the
+        reading thread dispatched every reply ahead of the marker, or gave up on this connection.
+
+        None when nothing was sent: the connection is not up (the reader is connecting for the
+        first time: ask again), or it cannot be written beside its reader.
+        """
+        replies = self._replies
+        if replies is None or not self.marks_beside_reader:
+            return None
+        try:
+            return self._mark(replies)
+        except self.recoverable():
+            return None  # the reader finds out and recovers
+
+    @property
+    def marks_beside_reader(self) -> bool:
+        """Whether a poll can mark the queue while another thread reads (a real queue over
+        py-amqp). During the first connection attempt too, as that usually ends at once; not
+        while reconnecting: a poll then answers from the table without waiting."""
+        replies = self._replies
+        if replies is None:
+            return self.queue.countable and not self._connected_once
+        return self.queue.countable and replies.marks_beside_reader
+
+    def _mark(self, replies: ReplyChannel) -> Callable[[], bool]:
+        """Publish the next poll marker; a check that is True once it was read (or the
+        connection was replaced, which ends the poll)."""
+        with self.write_lock:
+            self._marks += 1
+            number = self._marks
+            replies.send_marker(self.queue.name, b'%s:%d' % (self._mark_token, number))
+        self.queue_polls += 1
+        table, token = self.table, self._mark_token
+
+        def arrived() -> bool:
+            seen, _, count = table.marker.partition(b':')
+            return (seen == token and int(count) >= number) or self._replies is not replies
+
+        return arrived
+
     def read_until(self, until: Callable[[], bool], deadline: Optional[float],
                    give_up_at: Optional[float],
                    wait_input: Optional[Callable[[Any, Optional[float]], bool]] = None) -> None:
@@ -451,7 +486,8 @@ class ReplyConnection:
         if replies is None or not replies.unacked:
             return
         try:
-            replies.flush_acks()
+            with self.write_lock:  # a poll may write its marker beside the reader
+                replies.flush_acks()
         except self.recoverable() as exc:
             # unacked replies are redelivered after the reconnect; the table ignores repeats
             self._lost_while_writing(replies, exc, deadline, recover)

@@ -2,8 +2,7 @@
 # The code is all in the .py file; this only says how to lay it out in C.
 import cython
 
-cdef str _SUCCESS, _FAILURE, _REVOKED, _JSON, _UTF8
-cdef object _json_decode, _json_scan
+cdef str _SUCCESS, _FAILURE, _REVOKED, _MARKER
 
 cdef bint _final_status(object status)
 cpdef bint is_final(object meta)
@@ -43,12 +42,14 @@ cdef class StateTable:
     cdef object _lock
     cdef dict _tracked
     cdef dict _early
-    cdef dict _evicted
-    cdef dict _abandoned
-    cdef Py_ssize_t _remember_max
+    cdef public Py_ssize_t remember_max
+    cdef dict _finished
+    cdef object _evicted
+    cdef object _abandoned
     cdef object _collected
     cdef object _on_collected
     cdef public Py_ssize_t received
+    cdef public bytes marker
     cdef public Py_ssize_t dispatched
     cdef public Py_ssize_t buffered
     cdef public Py_ssize_t evicted
@@ -59,7 +60,8 @@ cdef class StateTable:
 
     @cython.locals(entry=_Entry, tracked=dict)
     cdef _reap(self)
-    cdef _remember(self, dict ids, object task_id)
+    @cython.locals(finished=dict)
+    cdef _release(self, object task_id, _Entry entry)
     @cython.locals(early=dict)
     cdef _buffer(self, object task_id, object meta)
 
@@ -80,11 +82,3 @@ cdef class StateTable:
 
     @cython.locals(count=Py_ssize_t, item=tuple)
     cpdef Py_ssize_t deliver_many(self, object deliveries)
-
-
-@cython.locals(by_id=dict, positions=dict, index=Py_ssize_t, same=list)
-cpdef tuple index_results(object results)
-
-@cython.locals(item=tuple, index=Py_ssize_t)
-cpdef object fill_values(object bucket, dict by_id, dict positions, list values, object settle,
-                         object remember)

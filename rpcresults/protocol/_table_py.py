@@ -1,66 +1,53 @@
 """The per-task state table: where every reply lands. No I/O, no waiting: a driver wakes waiters.
 
-One table per reply queue. It holds, per task id somebody holds a result object
-for, the newest state, and routes each reply to the waiters of that id
-(per-waiter ``on_message``; final states into the waiter's bucket). Replies for
-ids nobody holds a result for go into a bounded early-arrival buffer whose
-evictions are counted and remembered, so asking for an evicted id fails fast.
+One table per reply queue. It holds, per task id somebody holds a result object for, the newest
+state, and routes each reply to the waiters of that id (per-waiter ``on_message``; final states into
+the waiter's bucket). Replies for ids nobody holds a result for go into a bounded early-arrival
+buffer whose evictions are counted and remembered, so asking for an evicted id fails fast.
 
-Replies come in as ``(correlation_id, content_type, content_encoding, body)`` or
-as decoded metas; waking a waiter is a callable its driver gives (an Event's
-``set``, a loop's ``call_soon_threadsafe``). Thread-safe: ``_lock`` guards the
-entries, the buffer and the memos; callbacks (``on_message``, wake-ups) run
-outside it. Tracking is tied to result objects' lifetimes through weak
-references; a collected owner is reaped at the next operation or ``counters()``.
+Replies come in as ``(correlation_id, content_type, content_encoding, body)`` or as decoded metas;
+waking a waiter is a callable its driver gives (an Event's ``set``, a loop's ``call_soon_threadsafe``).
+Thread-safe: ``_lock`` guards the entries, the buffer and the memos; callbacks (``on_message``,
+wake-ups) run outside it. Tracking is tied to result objects' lifetimes through weak references; a
+collected owner is reaped at the next operation or ``counters()``.
 
-This file is both twins: run as it is, it is the pure-Python table; compiled by
-Cython as ``rpcresults.protocol._table_c`` with the C types of ``_table_c.pxd``,
-it is the compiled one.
+This file is both twins: run as it is, it is the pure-Python table; compiled by Cython as
+``rpcresults.protocol._table_c`` with the C types of ``_table_c.pxd``, it is the compiled one.
 """
 from __future__ import annotations
 
-import json
-import json.scanner
 import logging
 import threading
 import weakref
 from collections import deque
 from collections.abc import Mapping
+from importlib import import_module
 from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from ..exceptions import ContentDisallowed, MalformedResult, ReplyQueueLost, ResultEvicted
 
+# The modules of this same twin: _memo_py and _decode_py beside _table_py, _memo_c and _decode_c
+# beside _table_c.
+IdMemo = import_module(__name__.replace('._table_', '._memo_')).IdMemo
+decode_body = import_module(__name__.replace('._table_', '._decode_')).decode_body
+
 logger = logging.getLogger('rpcresults.state')
 
-__all__ = ('StateTable', 'Waiter', 'index_results', 'fill_values', 'fast_json', 'is_final')
+__all__ = ('StateTable', 'Waiter', 'is_final', 'MARKER_TYPE')
 
 _SUCCESS = 'SUCCESS'
 _FAILURE = 'FAILURE'
 _REVOKED = 'REVOKED'
-_JSON = 'application/json'
-_UTF8 = 'utf-8'
+#: The content type of a poll marker: a client publishes one to its own reply queue and reads until it
+#: is back, so it read every reply ahead of it (FIFO). Only the newest marker's body is kept (``marker``).
+MARKER_TYPE = 'application/x-rpcresults-marker'
+_MARKER = MARKER_TYPE
 
-#: How often (in evictions) the eviction warning repeats after the first.
-EVICTION_WARN_EVERY = 1000
-
-_decoder = json.JSONDecoder()
-_json_decode = _decoder.decode
-_json_scan = json.scanner.make_scanner(_decoder)
+EVICTION_WARN_EVERY = 1000  # how often (in evictions) the eviction warning repeats after the first
 
 Decoder = Callable[[bytes, Optional[str], Optional[str]], Any]
 Meta = Dict[str, Any]
 Delivery = Tuple[int, Optional[str], Optional[str], Optional[str], bytes]
-
-
-def fast_json(text: str) -> Any:
-    """``json.loads(text)`` through the C scanner directly; the full decoder handles the rest."""
-    try:
-        value, end = _json_scan(text, 0)
-    except StopIteration:
-        return _json_decode(text)  # leading white space, or not JSON: its own error
-    if end != len(text):
-        return _json_decode(text)  # trailing white space, or extra data: its own error
-    return value
 
 
 def _final_status(status: Any) -> bool:
@@ -196,20 +183,26 @@ class StateTable:
     """Newest state per tracked task id, the early-arrival buffer, and the counters."""
 
     def __init__(self, decode: Optional[Decoder] = None, buffer_max: int = 10000,
-                 keep_late: bool = True, fast_json: bool = False) -> None:
+                 keep_late: bool = True, fast_json: bool = False,
+                 remember_max: Optional[int] = None) -> None:
         self._decode = decode
         self._fast_json = fast_json
         self.buffer_max = max(int(buffer_max), 0)
         self.keep_late = keep_late
+        #: How many evicted ids (and, apart, ids abandoned unfinished) are remembered.
+        self.remember_max = max(100 * self.buffer_max, 100_000) if remember_max is None else int(remember_max)
+        if self.remember_max < 1:
+            raise ValueError(f'remember_max must be 1 or more (None: the default), not {remember_max!r}')
         self._lock = threading.Lock()
         self._tracked: Dict[str, _Entry] = {}
         self._early: Dict[str, Any] = {}
-        self._evicted: Dict[str, None] = {}
-        self._abandoned: Dict[str, None] = {}
-        self._remember_max = max(10 * self.buffer_max, 1024)  # ids are small; forgetting one means a hang
+        self._finished: Dict[str, Any] = {}  # final metas of ids whose result objects are gone
+        self._evicted = IdMemo(self.remember_max)
+        self._abandoned = IdMemo(self.remember_max)
         self._collected: Deque[_OwnerRef] = deque()
         self._on_collected = self._collected.append
         self.received = 0
+        self.marker = b''
         self.dispatched = 0
         self.buffered = 0
         self.evicted = 0
@@ -236,10 +229,13 @@ class StateTable:
                 entry = tracked.get(task_id)
                 if entry is None:
                     entry = tracked[task_id] = _Entry()
-                    self._abandoned.pop(task_id, None)
+                    if self._abandoned:
+                        self._abandoned.discard(task_id)
                     if task_id in self._early:
                         entry.meta = self._early.pop(task_id)
-                    elif task_id in self._evicted:
+                    elif task_id in self._finished:
+                        entry.meta = self._finished.pop(task_id)
+                    elif self._evicted and task_id in self._evicted:
                         entry.meta = ResultEvicted([task_id])
                 elif entry.owned_by(owner):
                     continue
@@ -258,14 +254,23 @@ class StateTable:
                 continue
             entry.owners = _remove(entry.owners, ref)  # an entry outlives none of its owner refs
             if entry.owners is None and entry.waiters is None:
-                del tracked[ref.task_id]
-                if not is_final(entry.meta):
-                    self._remember(self._abandoned, ref.task_id)
+                self._release(ref.task_id, entry)
 
-    def _remember(self, ids: Dict[str, None], task_id: str) -> None:
-        ids[task_id] = None
-        if len(ids) > self._remember_max:
-            del ids[next(iter(ids))]
+    def _release(self, task_id: str, entry: _Entry) -> None:
+        """Stop tracking an id nothing holds or waits on any more (lock held): an unfinished one is
+        remembered as abandoned; a final state is kept, among the last ``buffer_max``, past which
+        the oldest is remembered as evicted."""
+        del self._tracked[task_id]
+        meta = entry.meta
+        if not is_final(meta):
+            self._abandoned.add(task_id)
+        elif not isinstance(meta, BaseException):
+            finished = self._finished
+            finished[task_id] = meta
+            while len(finished) > self.buffer_max:
+                victim = next(iter(finished))
+                del finished[victim]
+                self._evicted.add(victim)
 
     # -- lookups -----------------------------------------------------------------------------
     def meta(self, task_id: str) -> Any:
@@ -274,8 +279,10 @@ class StateTable:
         if entry is not None:
             return entry.meta
         meta = self._early.get(task_id)
-        if meta is None and task_id in self._evicted:
-            raise ResultEvicted([task_id])
+        if meta is None:
+            meta = self._finished.get(task_id)
+            if meta is None and self._evicted and task_id in self._evicted:
+                raise ResultEvicted([task_id])
         return meta
 
     def pending_ids(self) -> List[str]:
@@ -288,7 +295,8 @@ class StateTable:
         """Drop whatever is known of ``task_id`` (buffered reply, tracked state, eviction mark)."""
         with self._lock:
             self._early.pop(task_id, None)
-            self._evicted.pop(task_id, None)
+            self._finished.pop(task_id, None)
+            self._evicted.discard(task_id)
             entry = self._tracked.get(task_id)
             if entry is not None and entry.waiters is None:
                 entry.meta = None
@@ -318,6 +326,8 @@ class StateTable:
                 entry = tracked.get(task_id)
                 if entry is not None and entry.waiters is not None:
                     entry.waiters = _remove(entry.waiters, waiter)
+                    if entry.waiters is None and entry.owners is None:  # its owners went while it waited
+                        self._release(task_id, entry)
             waiter.remaining = 0
             self._reap()
 
@@ -344,13 +354,11 @@ class StateTable:
     def deliver_body(self, correlation_id: Optional[str], content_type: Optional[str],
                      content_encoding: Optional[str], body: bytes) -> bool:
         """Decode one raw reply and dispatch it; False when it was dropped or refused as malformed."""
+        if content_type == _MARKER:
+            self.marker = bytes(body)
+            return True
         try:
-            if (self._fast_json and content_type == _JSON
-                    and (content_encoding is None or content_encoding == _UTF8)
-                    and b'"__type__"' not in body):
-                payload = fast_json(body.decode('utf-8'))  # kombu's result: no type markers to revive
-            else:
-                payload = self._decode(body, content_type, content_encoding)  # type: ignore[misc]
+            payload = decode_body(body, content_type, content_encoding, self._decode, self._fast_json)
         except ContentDisallowed as exc:
             return self.deliver_error(correlation_id, exc, f'refused content type {content_type!r}')
         except Exception as exc:  # any codec error is the sender's fault, not ours
@@ -418,6 +426,8 @@ class StateTable:
             entry.meta = error
             waiters = _items(entry.waiters)
             entry.waiters = None
+            if entry.owners is None:
+                self._release(task_id, entry)
         for waiter in waiters:
             waiter.arrived(task_id, error)
         return False
@@ -444,6 +454,8 @@ class StateTable:
             final = _final_status(meta.get('status'))
             if final:
                 entry.waiters = None
+                if entry.owners is None:
+                    self._release(task_id, entry)
             elif type(waiters) is list:
                 waiters = list(waiters)  # watch/unwatch may change the live list meanwhile
         if type(waiters) is list:
@@ -455,7 +467,10 @@ class StateTable:
     def _buffer(self, task_id: str, meta: Any) -> None:
         """Keep a reply nobody holds a result for (lock held); evict the oldest past the bound."""
         early = self._early
-        if task_id in self._abandoned:
+        if task_id in self._finished:  # its final state is known already: a redelivery, or a straggler
+            self.duplicates += 1
+            return
+        if self._abandoned and task_id in self._abandoned:
             self.late += 1
             if not self.keep_late:
                 self.late_dropped += 1
@@ -467,11 +482,12 @@ class StateTable:
         else:
             self.buffered += 1
         early[task_id] = meta
-        self._evicted.pop(task_id, None)
+        if self._evicted:
+            self._evicted.discard(task_id)
         while len(early) > self.buffer_max:
             victim = next(iter(early))
             del early[victim]
-            self._remember(self._evicted, victim)
+            self._evicted.add(victim)
             self.evicted += 1
             if self.evicted == 1 or self.evicted % EVICTION_WARN_EVERY == 0:
                 logger.warning(
@@ -486,6 +502,8 @@ class StateTable:
             self._reap()
             tracked = len(self._tracked)
             buffered = len(self._early)
+            finished = len(self._finished)
+            remembered = len(self._evicted)
         return {
             'received': self.received,
             'dispatched': self.dispatched,
@@ -497,46 +515,6 @@ class StateTable:
             'duplicates': self.duplicates,
             'tracked': tracked,
             'buffer_size': buffered,
+            'finished': finished,
+            'evicted_remembered': remembered,
         }
-
-
-def index_results(results: Sequence[Any]) -> Tuple[Dict[str, List[Any]], Dict[str, List[int]]]:
-    """``(results by id, member positions by id)`` for a join (duplicate ids share one entry)."""
-    by_id: Dict[str, List[Any]] = {}
-    positions: Dict[str, List[int]] = {}
-    index = 0
-    for result in results:
-        task_id = result.id
-        same = by_id.get(task_id)
-        if same is None:
-            by_id[task_id] = [result]
-            positions[task_id] = [index]
-        else:
-            same.append(result)
-            positions[task_id].append(index)
-        index += 1
-    return by_id, positions
-
-
-def fill_values(bucket: Deque[Tuple[str, Any]], by_id: Dict[str, List[Any]], positions: Dict[str, List[int]],
-                values: List[Any], settle: Callable[[Any, Meta], Any],
-                remember: Optional[Callable[[str, Meta], Any]]) -> Optional[Tuple[str, Any]]:
-    """Place plain successes from ``bucket`` into ``values``; stop at the first other item and return it.
-
-    A plain success (a SUCCESS meta without children) becomes the final state of each
-    of its results through ``settle(result, meta)``, and is handed to ``remember``.
-    """
-    while bucket:
-        item = bucket.popleft()
-        task_id = item[0]
-        meta = item[1]
-        if type(meta) is not dict or meta.get('status') != _SUCCESS or meta.get('children'):
-            return item
-        for result in by_id[task_id]:
-            settle(result, meta)
-        if remember is not None:
-            remember(task_id, meta)
-        value = meta.get('result')
-        for index in positions[task_id]:
-            values[index] = value
-    return None

@@ -26,7 +26,7 @@ import pytest
 from rpcresults import AsyncResult, GroupResult, ResultSet, states
 from rpcresults.backends.rpc import RPCBackend, ResultConsumer
 from rpcresults.exceptions import BacklogLimitExceeded, ResultEvicted, TaskRevokedError, TimeoutError
-from tests.helpers import queue_counts, report_from_child, wait_until
+from tests.helpers import closing_apps, queue_counts, report_from_child, wait_until
 from tests.conftest import make_app, new_id, request_for
 
 WAIT = 10.0  # generous upper bound for anything that should take milliseconds
@@ -80,16 +80,7 @@ def private_queue(raw: amqp.Connection) -> str:
 @pytest.fixture
 def other_app(broker_url: str):
     """Factory of extra apps (own reply queues, own settings); closed after the test."""
-    made: List[Any] = []
-
-    def factory(**conf: Any):
-        application = make_app(broker_url, **conf)
-        made.append(application)
-        return application
-
-    yield factory
-    for application in made:
-        application.close()
+    yield from closing_apps(lambda **conf: make_app(broker_url, **conf))
 
 
 def expected_expires_ms(app: Any) -> int:

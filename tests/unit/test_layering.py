@@ -15,7 +15,7 @@ import pytest
 PACKAGE = pathlib.Path(__file__).resolve().parents[2] / 'rpcresults'
 
 #: Third-party packages rpcresults may use without depending on them: imported where they are used.
-OPTIONAL = {'gevent', 'eventlet', 'celery', 'redis', 'tqdm'}
+OPTIONAL = {'gevent', 'eventlet', 'celery', 'redis', 'tqdm', 'tblib'}
 
 #: Modules allowed past the size budget, and why.
 LONG_MODULES: Dict[str, str] = {}
@@ -23,8 +23,8 @@ LONG_MODULES: Dict[str, str] = {}
 LINE_BUDGET = 550
 
 #: What the protocol layer may import: no sockets, no threads of its own making, no kombu/py-amqp.
-PROTOCOL_ALLOWED = {'json', 'json.scanner', 'logging', 'threading', 'weakref', 'collections', 'collections.abc',
-                    'typing', 'os', 'importlib', 'types', '__future__', 'rpcresults.exceptions'}
+PROTOCOL_ALLOWED = {'array', 'codecs', 'json', 'json.scanner', 'logging', 'threading', 'weakref', 'collections',
+                    'collections.abc', 'typing', 'os', 'importlib', 'types', '__future__', 'rpcresults.exceptions'}
 
 
 def modules() -> Iterator[Tuple[str, pathlib.Path]]:

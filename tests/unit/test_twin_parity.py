@@ -29,6 +29,10 @@ def instances(module: Any) -> Dict[str, Any]:
     """One instance of each class a caller makes."""
     if hasattr(module, 'FrameParser'):
         return {'FrameParser': module.FrameParser(1, 'tag')}
+    if hasattr(module, 'IdMemo'):
+        return {'IdMemo': module.IdMemo(10)}
+    if hasattr(module, 'decode_body'):
+        return {}
     return {'StateTable': module.StateTable(), 'Waiter': module.Waiter()}
 
 
