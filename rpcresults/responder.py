@@ -40,14 +40,18 @@ import socket
 import threading
 import time
 import traceback as tb
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
-from typing import Any, Callable, Deque, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 import kombu
 import kombu.exceptions
 
 from . import _fork, serialization
 from .engine.channel import detach_after_fork
+from .engine.requests import IncomingRequest, RequestBatch, request_channel_for
+from .exceptions import FrameError, ResultNotDelivered
 from .app import App, app_or_default
 from .backends.rpc import RPCBackend
 
@@ -135,8 +139,13 @@ class Request:
 
 
 class Responder:
-    """Answer requests from ``queue`` with ``handler`` (one at a time, in the thread that runs it).
+    """Answer requests from ``queue`` with ``handler``.
 
+    Requests are read like replies (chunked reads, the frame parser): every request that
+    arrived in one wake-up is one batch, whose replies go out in one write and whose
+    acks (only once the replies are written) in one ack. Handlers run in the thread that
+    runs the responder, or, with ``concurrency=N``, in a pool of N threads (for handlers
+    that block).
     ``prefetch`` bounds the requests the broker hands out before they are acked.
     ``accept`` lists the request content types decoded (default: json only).
     ``expires`` (seconds) lets the broker delete the queue once unused that long.
@@ -156,8 +165,13 @@ class Responder:
     def __init__(self, app: Optional[App], queue: str, handler: Handler, *, prefetch: int = 64,
                  pass_request: bool = False, accept: Optional[Sequence[str]] = None,
                  durable: bool = True, expires: Optional[float] = None,
-                 reconnect_retries: int = RECONNECT_RETRIES) -> None:
+                 reconnect_retries: int = RECONNECT_RETRIES, concurrency: Optional[int] = None) -> None:
+        if concurrency is not None and concurrency < 1:
+            raise ValueError(f'concurrency must be 1 or more (None: handlers run in the reading thread), '
+                             f'not {concurrency!r}')
         self.app = app_or_default(app)
+        self.concurrency = concurrency
+        self._pool: Optional[ThreadPoolExecutor] = None
         self.queue_name = queue
         self.handler = handler
         self.prefetch = prefetch
@@ -169,20 +183,22 @@ class Responder:
         self.backend = self._new_backend()  # worker side only: publishes the replies
         self.counters: Dict[str, int] = {'handled': 0, 'succeeded': 0, 'failed': 0, 'expired': 0,
                                          'no_reply_to': 0, 'bad_requests': 0, 'requeued': 0,
-                                         'reconnects': 0}
+                                         'reconnects': 0, 'batches': 0}
         self.seen: Deque[str] = collections.deque(maxlen=SEEN_MAX)  # ids of handled requests, newest last
         self._stop = threading.Event()
         self._idle = threading.Event()  # clear while run() is running
         self._idle.set()
         self._runner: Optional[int] = None
         self._connection: Any = None
-        self._consumer: Any = None
+        self._consumer: Any = None  # the request channel adapter (engine.requests)
+        self._batch = RequestBatch()
         self._ready = threading.Event()
         self._heartbeat_due = float('inf')
         self._publish_failures = 0  # in a row: paces the requeueing
+        self._cancelled = False
         probe = self.app.connection()
         self._recoverable: Tuple[type, ...] = (tuple(probe.connection_errors) + tuple(probe.channel_errors)
-                                               + (OSError, kombu.exceptions.OperationalError))
+                                               + (OSError, FrameError, kombu.exceptions.OperationalError))
         _fork.register(self._after_fork)
 
     def _after_fork(self) -> None:
@@ -235,9 +251,10 @@ class Responder:
         try:
             connection.connect()
             channel = self._declare(connection)
-            consumer = kombu.Consumer(channel, queues=[self.queue], on_message=self._on_message,
-                                      prefetch_count=self.prefetch, accept=None, auto_declare=False)
-            consumer.consume()
+            channel.basic_qos(0, self.prefetch, False)
+            self._batch = RequestBatch()
+            consumer = request_channel_for(channel, self._batch, self._on_cancel)
+            consumer.consume(self.queue_name, f'rpcresults-responder-{uuid.uuid4()}')
         except BaseException:
             _drop(connection, graceful=False)
             raise
@@ -314,16 +331,29 @@ class Responder:
                 self._recover(exc)
         return self.counters['handled'] - start
 
+    def _on_cancel(self, consumer_tag: str) -> None:
+        """The broker cancelled the consumer (the queue was deleted): the loop reconnects."""
+        self._cancelled = True
+
     def _drain(self, timeout: float) -> None:
-        """One read (sliced to a quarter of the heartbeat), then heartbeats when due."""
-        connection = self._connection
-        if connection is None:
+        """One read (sliced to a quarter of the heartbeat) and whatever else already arrived, then
+        every request of that wake-up as one batch; then heartbeats when due."""
+        connection, consumer = self._connection, self._consumer
+        if connection is None or consumer is None:
             raise ConnectionError('the responder has no broker connection')
         heartbeat = connection.heartbeat or 0
         if heartbeat:
             timeout = min(timeout, heartbeat / 4)
         try:
-            connection.drain_events(timeout=timeout)
+            if consumer.read(connection, timeout):
+                while len(self._batch.requests) < self.prefetch and consumer.read(connection, 0):
+                    pass
+            requests = self._batch.take()
+            if requests:
+                self._answer_batch(consumer, requests)
+            if self._cancelled:
+                self._cancelled = False
+                raise ConnectionError(f'the broker cancelled the consumer of {self.queue_name}')
         finally:
             if heartbeat and time.monotonic() >= self._heartbeat_due and self._connection is connection:
                 self._heartbeat_due = time.monotonic() + heartbeat / 4
@@ -353,6 +383,9 @@ class Responder:
                 logger.debug('could not cancel the responder consumer', exc_info=True)
         _drop(connection, graceful=True)
         self._close_backend(graceful=True)
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False)
 
     def __enter__(self) -> 'Responder':
         return self.start()
@@ -362,70 +395,123 @@ class Responder:
 
     def stats(self) -> Dict[str, int]:
         """Counters: handled, succeeded, failed, expired, no_reply_to, bad_requests, requeued
-        (replies that could not be published), reconnects."""
+        (replies that could not be published), reconnects, batches (wake-ups that brought
+        requests: each batch's replies go out in one write and its acks in one ack)."""
         return dict(self.counters)
 
-    # -- one request -------------------------------------------------------------------------
-    def _on_message(self, message: Any) -> None:
+    # -- requests ----------------------------------------------------------------------------
+    def _answer_batch(self, consumer: Any, messages: List[IncomingRequest]) -> None:
+        """Run every request of one wake-up (in the pool, with ``concurrency``), publish the replies
+        in one write, then requeue those whose reply could not be published and ack the rest."""
+        self.counters['batches'] += 1
+        plans = [self._plan(message) for message in messages]
+        if self.concurrency:
+            pool = self._pool or self._new_pool()
+            futures = [pool.submit(self._run, plan) if plan[1] == 'run' else None for plan in plans]
+            outcomes = [future.result() if future is not None else plan[1:]
+                        for plan, future in zip(plans, futures)]
+        else:
+            outcomes = [self._run(plan) if plan[1] == 'run' else plan[1:] for plan in plans]
+        done: List[Tuple[Request, int, str]] = []  # answered: (request, delivery tag, counter)
+        unanswered: List[int] = []  # acked without a reply (no reply_to)
+        requeue: List[int] = []
+        try:
+            with self.backend.publisher.gathering() as refused:
+                for (request, _, _), message, outcome in zip(plans, messages, outcomes):
+                    if request is None:
+                        unanswered.append(message.delivery_tag)
+                        continue
+                    try:
+                        done.append((request, message.delivery_tag, self._reply(request, *outcome)))
+                    except Exception as exc:  # this reply could not be published: the broker keeps it
+                        self._requeued(request, exc)
+                        requeue.append(message.delivery_tag)
+        except Exception as exc:  # the batch's replies could not be written: all of them run again
+            for request, tag, _ in done:
+                self._requeued(request, exc)
+                requeue.append(tag)
+            done = []
+        else:
+            undelivered = {task_id for task_id, _ in refused}  # nacked, or not confirmed in time
+            for request, tag, _ in done:
+                if request.id in undelivered:
+                    self._requeued(request, ResultNotDelivered(request.id, request.reply_to or '',
+                                                               'not confirmed by the broker'))
+                    requeue.append(tag)
+            done = [item for item in done if item[0].id not in undelivered]
+        if requeue:
+            self._stop.wait(min(0.1 * self._publish_failures, 2.0))  # no hot loop on a lasting failure
+        else:
+            self._publish_failures = 0
+        consumer.settle_batch(unanswered + [tag for _, tag, _ in done], sorted(requeue))
+        for request, _, counter in done:
+            self.counters['handled'] += 1
+            self.counters[counter] += 1
+            self.seen.append(request.id)
+
+    def _new_pool(self) -> ThreadPoolExecutor:
+        self._pool = ThreadPoolExecutor(max_workers=self.concurrency,
+                                        thread_name_prefix=f'rpcresults-responder-{self.queue_name}')
+        return self._pool
+
+    def _requeued(self, request: Request, exc: BaseException) -> None:
+        self._publish_failures += 1
+        self.counters['requeued'] += 1
+        logger.error('could not publish the reply to request %s on %s (%r): requeued',
+                     request.id, self.queue_name, exc, exc_info=isinstance(exc, Exception))
+
+    def _plan(self, message: IncomingRequest) -> Tuple[Optional[Request], str, Any]:
+        """``(request, what to do, what it needs)``: run it (with its payload), or answer at once
+        (a bad request, an expired one); the request is None when nothing can be answered."""
         request = Request(message)
         if not request.reply_to and not request.ignore_result:
             self.counters['no_reply_to'] += 1
             logger.warning('request %s on %s has no reply_to: dropped unanswered',
                            request.id, self.queue_name)
-            message.ack()
-            return
-        try:
-            outcome = self._answer(request, message)
-        except Exception as exc:  # the reply could not be published: the broker keeps the request
-            self._publish_failures += 1
-            self.counters['requeued'] += 1
-            logger.error('could not publish the reply to request %s on %s (%r): requeued',
-                         request.id, self.queue_name, exc, exc_info=True)
-            self._stop.wait(min(0.1 * self._publish_failures, 2.0))  # no hot loop on a lasting failure
-            message.requeue()
-            return
-        self._publish_failures = 0
-        self.counters['handled'] += 1
-        self.counters[outcome] += 1
-        self.seen.append(request.id)
-        message.ack()
-
-    def _answer(self, request: Request, message: Any) -> str:
-        """Run the request and publish its reply; returns the counter it adds to."""
-        backend = self.backend
-        fields = request.reply_fields()
-        reply = not request.ignore_result
+            return None, 'dropped', None
         try:
             payload = self._decode(request, message)
         except BadRequest as exc:
             logger.error('bad request %s on %s: %s', request.id, self.queue_name, exc)
-            if reply:
-                backend.mark_as_failure(request.id, exc, traceback=None, request=fields)
-            return 'bad_requests'
+            return request, 'bad_requests', exc
         if request.expired():
             logger.info('request %s on %s expired at %s: revoked, not run',
                         request.id, self.queue_name, request.expires)
-            if reply:
-                backend.mark_as_revoked(request.id, 'expired', request=fields)
-            return 'expired'
+            return request, 'expired', None
+        return request, 'run', payload
+
+    def _run(self, plan: Tuple[Optional[Request], str, Any]) -> Tuple[str, Any]:
+        """Run the handler: ``('succeeded', value)`` or ``('failed', (exception, traceback text))``."""
+        request, _, payload = plan
         try:
             value = self.handler(payload, request) if self.pass_request else self.handler(payload)
         except Exception as exc:  # the caller gets it; the responder goes on
-            if reply:
-                backend.mark_as_failure(request.id, exc, traceback=tb.format_exc(), request=fields)
-            return 'failed'
-        if not reply:
-            return 'succeeded'
-        try:
-            backend.mark_as_done(request.id, value, request=fields)
-        except kombu.exceptions.EncodeError as exc:
-            error = kombu.exceptions.EncodeError(
-                f'the reply to request {request.id} cannot be encoded as {backend.serializer}: '
-                f'the handler returned a value of type {type(value).__qualname__!r} ({exc})')
-            logger.error('%s', error)
-            backend.mark_as_failure(request.id, error, traceback=None, request=fields)
-            return 'failed'
-        return 'succeeded'
+            return 'failed', (exc, tb.format_exc())
+        return 'succeeded', value
+
+    def _reply(self, request: Request, outcome: str, value: Any) -> str:
+        """Publish the reply for ``outcome``; returns the counter it adds to."""
+        backend = self.backend
+        fields = request.reply_fields()
+        if request.ignore_result:
+            return outcome
+        if outcome == 'bad_requests':
+            backend.mark_as_failure(request.id, value, traceback=None, request=fields)
+        elif outcome == 'expired':
+            backend.mark_as_revoked(request.id, 'expired', request=fields)
+        elif outcome == 'failed':
+            backend.mark_as_failure(request.id, value[0], traceback=value[1], request=fields)
+        else:
+            try:
+                backend.mark_as_done(request.id, value, request=fields)
+            except kombu.exceptions.EncodeError as exc:
+                error = kombu.exceptions.EncodeError(
+                    f'the reply to request {request.id} cannot be encoded as {backend.serializer}: '
+                    f'the handler returned a value of type {type(value).__qualname__!r} ({exc})')
+                logger.error('%s', error)
+                backend.mark_as_failure(request.id, error, traceback=None, request=fields)
+                return 'failed'
+        return outcome
 
     def _decode(self, request: Request, message: Any) -> Any:
         content_type = message.content_type

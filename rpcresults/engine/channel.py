@@ -158,6 +158,9 @@ class ReplyChannel:
 class AmqpReplyChannel(ReplyChannel):
     """py-amqp channel: our own chunked reads and frame parser (plain TCP), batched acks."""
 
+    #: Whether deliveries carry their content header too (requests need their properties).
+    keep_header = False
+
     def __init__(self, channel: Any, table: Any, on_cancel: OnCancel, no_ack: bool = False) -> None:
         super().__init__(channel, table, on_cancel, no_ack)
         self._last_tag = 0
@@ -190,7 +193,7 @@ class AmqpReplyChannel(ReplyChannel):
             callback=self._on_message, on_cancel=self.on_cancel)
         if self._parser is None:
             self._parser = FrameParser(self.channel.channel_id, self.consumer_tag,
-                                       self._connection.frame_max or 0)
+                                       self._connection.frame_max or 0, keep_header=self.keep_header)
         else:
             self._parser.set_consumer_tag(self.consumer_tag)
 

@@ -20,11 +20,12 @@ close an idle one.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import threading
 import time
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
 
 import amqp
 import kombu
@@ -178,6 +179,7 @@ class ResultPublisher:
         self._unconfirmed: Dict[int, tuple] = {}  # delivery tag -> (task id, reply queue)
         self._refused: List[tuple] = []  # nacked since the last publish that waited
         self._returns_due = 0.0
+        self._gather = 0  # > 0 inside gathering()
         self.published = 0
         self.returned = 0
         self.nacked = 0
@@ -205,6 +207,8 @@ class ResultPublisher:
         # RabbitMQ returns direct reply-to publishes as unroutable even when it delivers them
         mandatory = self.mandatory and not routing_key.startswith(DIRECT_REPLY_TO)
         wait = self.confirm if wait is None else (wait and self.confirm)
+        if self._gather:
+            flush = wait = False
         with self._lock:
             if declare:
                 self.flush()
@@ -236,6 +240,26 @@ class ResultPublisher:
         if flush or link.writer.pending >= FLUSH_AT:
             link.send()
         self.published += 1
+
+    @contextlib.contextmanager
+    def gathering(self) -> Iterator[List[tuple]]:
+        """Results published in the block go out together, in one write, when it ends; with
+        confirms, the block then waits for them all at once (pipelined) and the list it gave
+        is filled with the ``(task_id, reply_queue)`` pairs the broker refused or did not
+        confirm in time. For one thread at a time (a responder's own publisher)."""
+        refused: List[tuple] = []
+        self._gather += 1
+        try:
+            yield refused
+        finally:
+            self._gather -= 1
+        if not self._gather:
+            if self.confirm:
+                with self._lock:
+                    refused.extend(self.wait_confirms())
+                    refused.extend(self._unconfirmed.values())  # not confirmed in time
+            else:
+                self.flush()
 
     def flush(self) -> None:
         """Write every result gathered with ``flush=False`` (nothing waits for the broker)."""

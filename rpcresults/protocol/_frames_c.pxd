@@ -31,6 +31,8 @@ cdef class FrameParser:
     cdef unsigned long long _body_got
     cdef list _body_parts
     cdef Py_ssize_t _cursor
+    cdef public bint keep_header
+    cdef bytes _header
 
     @cython.locals(buf=bytes, deliveries=list, others=list, total=Py_ssize_t, pos=Py_ssize_t,
                    start=Py_ssize_t, end=Py_ssize_t, frame_type=int, channel=int, size=Py_ssize_t)

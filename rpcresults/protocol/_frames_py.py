@@ -6,8 +6,11 @@ channel and turns each into a delivery ``(delivery_tag, correlation_id,
 content_type, content_encoding, body)``; every other frame is returned unchanged
 as ``(frame_type, channel, payload)`` for py-amqp's own frame handler. Within one
 ``feed`` the deliveries come in order, and the other frames in order; a caller
-handles the deliveries first. A frame larger than the negotiated ``frame_max`` or
-a body larger than ``max_body`` raises :class:`FrameError`.
+handles the deliveries first. With ``keep_header`` each delivery also carries its
+content header's payload as a sixth item (a request's reply_to and headers are in
+it; py-amqp's ``decode_properties_basic`` reads it from offset 12). A frame larger
+than the negotiated ``frame_max`` or a body larger than ``max_body`` raises
+:class:`FrameError`.
 
 This file is both twins: run as it is, it is the pure-Python parser; compiled by
 Cython as ``rpcresults.protocol._frames_c``, with the C types declared in
@@ -67,7 +70,7 @@ class FrameParser:
     """Incremental parser for one connection's inbound frames (our channel and consumer tag)."""
 
     def __init__(self, channel: int, consumer_tag: str, frame_max: int = 131072,
-                 max_body: int = DEFAULT_MAX_BODY) -> None:
+                 max_body: int = DEFAULT_MAX_BODY, keep_header: bool = False) -> None:
         if max_body < 0:
             raise ValueError(f'max_body must be 0 or more, not {max_body}')
         self.channel = channel
@@ -86,6 +89,8 @@ class FrameParser:
         self._body_got = 0
         self._body_parts: List[bytes] = []  # the frames so far of a body that spans several
         self._cursor = 0  # where the content header is being read
+        self.keep_header = keep_header
+        self._header = b''  # the content header of the delivery being read (with keep_header)
 
     def set_consumer_tag(self, consumer_tag: str) -> None:
         """Follow a new consumer (after a re-consume on the same channel)."""
@@ -240,6 +245,8 @@ class FrameParser:
             raise FrameError('content header properties run past the frame')
         self._body_size = body_size
         self._body_got = 0
+        if self.keep_header:
+            self._header = buf[start:end]
         if body_size == 0:
             self._complete(deliveries, b'')
         else:
@@ -268,7 +275,11 @@ class FrameParser:
             self._complete(deliveries, body)
 
     def _complete(self, deliveries: List[Delivery], body: bytes) -> None:
-        deliveries.append((self._tag, self._correlation_id, self._content_type, self._content_encoding,
-                           body))
+        if self.keep_header:
+            deliveries.append((self._tag, self._correlation_id, self._content_type, self._content_encoding,
+                               body, self._header))
+        else:
+            deliveries.append((self._tag, self._correlation_id, self._content_type, self._content_encoding,
+                               body))
         self._content = _NO_CONTENT
         self._expect = _FRAME_METHOD

@@ -290,3 +290,43 @@ def test_a_client_forked_while_calling_works_in_both_processes(broker_url: str, 
     finally:
         client.close()
         app.close()
+
+
+def test_requests_waiting_together_are_answered_in_batches(app, rpc: Client) -> None:
+    """Requests queued before the responder starts arrive together: fewer wake-ups than requests,
+    each batch's replies in one write and its acks in one ack; every caller gets its own value."""
+    queue = new_queue()
+    results = [rpc.call(queue, n) for n in range(300)]
+    served = ServedResponder(app, queue, lambda n: n * 2, prefetch=100)
+    try:
+        assert ResultSet(results).join_native(timeout=60) == [n * 2 for n in range(300)]
+        stats = served.responder.stats()
+        assert stats['handled'] == 300 and stats['succeeded'] == 300
+        assert 3 <= stats['batches'] < 300  # prefetch 100 bounds a batch
+    finally:
+        assert served.close() is None
+
+
+def test_concurrency_runs_blocking_handlers_side_by_side(app, rpc: Client) -> None:
+    """With ``concurrency=4`` four handlers run at once: each waits at a barrier of four, which
+    only opens when all four run together (one at a time, each would time out and fail)."""
+    barrier = threading.Barrier(4, timeout=20)
+
+    def meet(n: int) -> int:
+        barrier.wait()
+        return n
+
+    queue = new_queue()
+    results = [rpc.call(queue, n) for n in range(8)]
+    served = ServedResponder(app, queue, meet, concurrency=4, prefetch=4)
+    try:
+        assert ResultSet(results).join_native(timeout=60) == list(range(8))
+        assert served.responder.stats()['failed'] == 0
+    finally:
+        assert served.close() is None
+
+
+@pytest.mark.parametrize('bad', [0, -1])
+def test_concurrency_below_one_is_refused(app, bad: int) -> None:
+    with pytest.raises(ValueError, match='concurrency'):
+        Responder(app, new_queue(), handler, concurrency=bad)

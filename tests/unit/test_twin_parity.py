@@ -31,7 +31,9 @@ def instances(module: Any) -> Dict[str, Any]:
         return {'FrameParser': module.FrameParser(1, 'tag')}
     if hasattr(module, 'IdMemo'):
         return {'IdMemo': module.IdMemo(10)}
-    if hasattr(module, 'decode_body'):
+    if hasattr(module, 'FrameWriter'):
+        return {'FrameWriter': module.FrameWriter(1, 131072)}
+    if hasattr(module, 'decode_body') or hasattr(module, 'fill_values'):
         return {}
     return {'StateTable': module.StateTable(), 'Waiter': module.Waiter()}
 
