@@ -10,9 +10,14 @@ Roles:
            ``count`` results (celery-rpcresults: Celery's app and ResultSet with
            ``result_backend = 'rpcresults.contrib.celery:RPCBackend'``)
   publish  P3 worker: publishes a slice of Celery-format results as fast as py-amqp goes
-  pending  P4: memory of ``count`` pending results (tracemalloc or RSS)
   echo     P5 responder: answers each request with a Celery-format SUCCESS to reply_to
   rtt      P5 client: ``count`` requests one at a time, each waited for with ``get()``
+
+Roles defined next to their target (imported when used):
+  pending        P4 (``bench/memory.py``): memory of ``count`` pending results (tracemalloc or RSS)
+  worker         P6 (``bench/publish.py``): one worker process publishes ``count`` results
+  rpc-client     P7 (``bench/rpc_peers.py``): ``count`` calls in flight, then every answer
+  rpc-responder  P7 (``bench/rpc_peers.py``): echoes each request until stdin closes
 
 The compiled / pure choice of rpcresults is the runner's: it sets ``RPCRESULTS_NO_EXTENSIONS``
 in the environment of the subprocess.
@@ -20,6 +25,7 @@ in the environment of the subprocess.
 from __future__ import annotations
 
 import gc
+import importlib
 import json
 import os
 import select
@@ -225,113 +231,6 @@ def role_publish(config: Dict[str, Any]) -> None:
     emit({'event': 'done', 'first': first, 'sent': sent, 'confirmed': confirmed, 'count': len(messages)})
 
 
-# -- pending (P4) ------------------------------------------------------------------------------
-def role_pending(config: Dict[str, Any]) -> None:
-    """Memory of ``count`` pending results: objects, registration, peak during a (timed-out) join."""
-    import tracemalloc
-    kind, mode, url, count = config['kind'], config['mode'], config['url'], config['count']
-    ids = task_ids(config['seed'], count)
-    warm_id = str(uuid.uuid4())
-    extra: Dict[str, Any] = {}
-    if kind == 'rpcresults':
-        import rpcresults
-        from rpcresults import ResultSet
-        from rpcresults.exceptions import TimeoutError as JoinTimeout
-        app = rpcresults.App(url)
-        backend = app.backend
-        # Warm-up: connect and consume (one result), so the connection is not counted below.
-        ResultSet([app.AsyncResult(warm_id)], app=app).ready()
-        make = app.AsyncResult
-        extra.update(implementation())
-
-        def register(members: List[Any]) -> Any:
-            results = ResultSet(members, app=app)
-            results.backend.add_pending_results(results.results)
-            # Whether the documented registration call tracked anything (it is what Celery's
-            # iter_native uses); ready() once is the path that surely does.
-            extra['add_pending_results_tracked'] = backend.stats().get('tracked')
-            results.ready()
-            extra['tracked_after_ready'] = backend.stats().get('tracked')
-            return results
-    elif kind == 'celery':
-        from celery.exceptions import TimeoutError as JoinTimeout  # type: ignore[no-redef]
-        from celery.result import ResultSet  # type: ignore[no-redef]
-        app = _celery_app(url)
-        backend = app.backend
-        warm = app.AsyncResult(warm_id)
-        backend.add_pending_results([warm])  # starts Celery's consumer (its reply queue)
-        backend.remove_pending_result(warm)
-        make = app.AsyncResult
-
-        def register(members: List[Any]) -> Any:
-            results = ResultSet(members, app=app)  # registers its members already (vine barrier)
-            results.backend.add_pending_results(results.results)
-            return results
-    else:
-        raise SystemExit(f'unknown pending kind {kind!r}')
-    queue = backend.oid
-
-    def collect() -> None:
-        gc.collect()
-        gc.collect()
-
-    if mode == 'tracemalloc':
-        tracemalloc.start()
-
-        def measure() -> int:
-            return tracemalloc.get_traced_memory()[0]
-
-        def peak() -> int:
-            return tracemalloc.get_traced_memory()[1]
-
-        def reset_peak() -> None:
-            tracemalloc.reset_peak()
-    else:
-        measure = rss_bytes
-        peak = peak_rss_bytes
-
-        def reset_peak() -> None:
-            pass
-    collect()
-    base = measure()
-    members = [make(task_id) for task_id in ids]
-    collect()
-    objects = measure() - base
-    results = register(members)
-    collect()
-    registered = measure() - base
-    reset_peak()
-    before_join = measure()
-    join_timeout = float(config.get('join_timeout', 0.3))
-    t0 = time.perf_counter()
-    try:
-        results.join_native(timeout=join_timeout)
-        timed_out = False
-    except JoinTimeout:
-        timed_out = True
-    join_wall = time.perf_counter() - t0
-    join_peak = peak() - base if mode == 'tracemalloc' else None
-    collect()
-    after_timeout = measure() - base
-    del results, members
-    collect()
-    after_release = measure() - base
-    if mode == 'tracemalloc':
-        tracemalloc.stop()
-    emit({'event': 'done', 'kind': kind, 'mode': mode, 'count': count, 'queue': queue,
-          'objects': objects, 'registered': registered, 'join_peak': join_peak,
-          'join_start': before_join - base, 'after_timeout': after_timeout,
-          'after_release': after_release, 'timed_out': timed_out, 'join_wall': join_wall,
-          'id_size': sys.getsizeof(ids[0]), **extra})
-    try:
-        if kind == 'rpcresults':
-            app.close()
-        else:
-            backend.result_consumer.stop()
-    except Exception:
-        pass
-
-
 # -- echo responder (P5) -----------------------------------------------------------------------
 def role_echo(config: Dict[str, Any]) -> None:
     """Answer every request on ``queue`` with a Celery-format SUCCESS (value = first arg)."""
@@ -488,16 +387,26 @@ def role_rtt(config: Dict[str, Any]) -> None:
           'cpu_per_call': cpu / count, 'latencies': latencies, **extra})
 
 
-ROLES = {'join': role_join, 'publish': role_publish, 'pending': role_pending, 'echo': role_echo,
-         'rtt': role_rtt}
+ROLES = {'join': role_join, 'publish': role_publish, 'echo': role_echo, 'rtt': role_rtt}
+#: Roles that live with their target's module: ``module:function``.
+EXTERNAL_ROLES = {'pending': 'bench.memory:role_pending', 'worker': 'bench.publish:role_worker',
+                  'rpc-client': 'bench.rpc_peers:role_client', 'rpc-responder': 'bench.rpc_peers:role_responder'}
+
+
+def find_role(name: str) -> Callable[[Dict[str, Any]], None]:
+    if name in ROLES:
+        return ROLES[name]
+    module, _, function = EXTERNAL_ROLES[name].partition(':')
+    return getattr(importlib.import_module(module), function)
 
 
 def main(argv: List[str]) -> int:
-    if len(argv) != 3 or argv[1] not in ROLES:
-        print(f'usage: python -m bench.peers {{{",".join(ROLES)}}} CONFIG_JSON', file=sys.stderr)
+    if len(argv) != 3 or (argv[1] not in ROLES and argv[1] not in EXTERNAL_ROLES):
+        print(f'usage: python -m bench.peers {{{",".join([*ROLES, *EXTERNAL_ROLES])}}} CONFIG_JSON',
+              file=sys.stderr)
         return 2
     try:
-        ROLES[argv[1]](json.loads(argv[2]))
+        find_role(argv[1])(json.loads(argv[2]))
     except BaseException as exc:  # reported to the runner, which shows it in the table
         if isinstance(exc, SystemExit) and not exc.code:
             raise
