@@ -24,7 +24,8 @@ LINE_BUDGET = 550
 
 #: What the protocol layer may import: no sockets, no threads of its own making, no kombu/py-amqp.
 PROTOCOL_ALLOWED = {'array', 'codecs', 'encodings', 'json', 'json.scanner', 'logging', 'threading', 'weakref',
-                    'collections', 'collections.abc', 'typing', 'os', 'importlib', 'types', '__future__', 'rpcresults.exceptions'}
+                    'collections', 'collections.abc', 'typing', 'os', 'importlib', 'types', '__future__',
+                    'rpcresults.exceptions'}
 
 
 def modules() -> Iterator[Tuple[str, pathlib.Path]]:
