@@ -102,10 +102,16 @@ class PublishLink:
             self.read_ready(0)
 
     def send(self) -> None:
-        """Write what the writer holds, in one write."""
-        data = self.writer.take()
-        if data:
-            self.raw.transport.write(data)
+        """Write what the writer holds, in one write (after :meth:`check`). What the write raises,
+        the writer still holds nothing of: the caller reports those messages as lost."""
+        if not self.writer.pending:
+            return
+        try:
+            self.check()
+        except BaseException:
+            self.writer.take()
+            raise
+        self.raw.transport.write(self.writer.take())
 
     def read_ready(self, timeout: float) -> None:
         """Let py-amqp handle what the broker sent (acks, nacks, returns), waiting up to ``timeout``."""
@@ -180,6 +186,7 @@ class ResultPublisher:
         self._refused: List[tuple] = []  # nacked since the last publish that waited
         self._returns_due = 0.0
         self._gather = 0  # > 0 inside gathering()
+        self._unsent: List[tuple] = []  # gathered in the writer, not yet written (without confirms)
         self.published = 0
         self.returned = 0
         self.nacked = 0
@@ -230,8 +237,6 @@ class ResultPublisher:
             return
         if self._refused:  # a retry of a publish a lost connection had not confirmed: it is this one now
             self._refused = [refused for refused in self._refused if refused[0] != task_id]
-        if not link.writer.pending:  # the first of a batch: is the connection still there?
-            link.check()
         link.writer.publish('', routing_key, data, mandatory, content_type, content_encoding, EMPTY_TABLE,
                             self.delivery_mode, 0, correlation_id)
         if self.confirm:
@@ -239,6 +244,9 @@ class ResultPublisher:
             self._unconfirmed[link.sequence] = (task_id, routing_key)
         if flush or link.writer.pending >= FLUSH_AT:
             link.send()
+            self._unsent.clear()
+        elif not self.confirm:  # (with confirms, _unconfirmed says the same)
+            self._unsent.append((task_id, routing_key))
         self.published += 1
 
     @contextlib.contextmanager
@@ -246,7 +254,8 @@ class ResultPublisher:
         """Results published in the block go out together, in one write, when it ends; with
         confirms, the block then waits for them all at once (pipelined) and the list it gave
         is filled with the ``(task_id, reply_queue)`` pairs the broker refused or did not
-        confirm in time. For one thread at a time (a responder's own publisher)."""
+        confirm in time, and (with or without confirms) those lost with their connection before they
+        were written. For one thread at a time (a responder's own publisher)."""
         refused: List[tuple] = []
         self._gather += 1
         try:
@@ -254,12 +263,17 @@ class ResultPublisher:
         finally:
             self._gather -= 1
         if not self._gather:
-            if self.confirm:
-                with self._lock:
-                    refused.extend(self.wait_confirms())
-                    refused.extend(self._unconfirmed.values())  # not confirmed in time
-            else:
-                self.flush()
+            with self._lock:
+                try:
+                    if self.confirm:
+                        refused.extend(self.wait_confirms())
+                        refused.extend(self._unconfirmed.values())  # not confirmed in time
+                    else:
+                        self.flush()
+                except CONNECTION_LOST as exc:  # what it held is reported below, not raised
+                    logger.warning('the publishing connection was lost while writing gathered results: %r', exc)
+                refused.extend(self._refused)  # gathered, then lost with their connection
+                self._refused = []
 
     def flush(self) -> None:
         """Write every result gathered with ``flush=False`` (nothing waits for the broker)."""
@@ -271,6 +285,7 @@ class ResultPublisher:
                 except Exception:
                     self._drop_link()
                     raise
+                self._unsent.clear()
                 if self.mandatory and not self.confirm:
                     self._returns_soon()
 
@@ -360,6 +375,11 @@ class ResultPublisher:
                          'connection was lost', task_id, routing_key)
             self._refused.append((task_id, routing_key))
         self._unconfirmed.clear()
+        for task_id, routing_key in self._unsent:
+            logger.error('the result of %s for reply queue %s was gathered but not written before its '
+                         'connection was lost', task_id, routing_key)
+            self._refused.append((task_id, routing_key))
+        self._unsent = []
         if link is not None:
             link.drop()
             if link.connection is not self._given:
@@ -452,4 +472,5 @@ class ResultPublisher:
         self._raw = None
         self._unconfirmed = {}
         self._refused = []
+        self._unsent = []
         self._lock = threading.RLock()

@@ -114,3 +114,30 @@ def test_an_idle_worker_keeps_its_publishing_connection(broker_url, client):
         app.close()
     assert AsyncResult(first, backend=client).get(timeout=15) == 1
     assert AsyncResult(second, backend=client).get(timeout=15) == 2
+
+
+def test_gathered_results_lost_with_their_connection_are_reported(broker_url, client, proxy):
+    """Results gathered in the writer when the connection is cut are reported by gathering(), never
+    counted as sent silently; published again, they go out on a new connection."""
+    client.result_consumer.start()
+    app = make_app(proxy.url_for(broker_url), broker_heartbeat=0)
+    worker = app.create_backend()
+    gathered = [new_id() for _ in range(6)]
+    try:
+        first = new_id()
+        worker.store_result(first, 0, 'SUCCESS', request=request_for(client, first))  # connected
+        with worker.publisher.gathering() as refused:
+            for task_id in gathered[:5]:
+                worker.store_result(task_id, 1, 'SUCCESS', request=request_for(client, task_id))
+            proxy.cut()
+            time.sleep(0.2)  # lets the cut reach the publishing socket (what happens, not a timing check)
+            worker.store_result(gathered[5], 1, 'SUCCESS', request=request_for(client, gathered[5]))
+        assert sorted(task_id for task_id, _ in refused) == sorted(gathered)
+        for task_id, _ in refused:  # what a responder does: the requests run again
+            worker.store_result(task_id, 2, 'SUCCESS', request=request_for(client, task_id))
+        assert worker.worker_stats()['publish_connections'] == 2
+    finally:
+        worker.close()
+        app.close()
+    assert AsyncResult(first, backend=client).get(timeout=15) == 0
+    assert [AsyncResult(task_id, backend=client).get(timeout=15) for task_id in gathered] == [2] * 6
