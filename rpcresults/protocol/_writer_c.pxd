@@ -10,7 +10,7 @@ cdef int _F_CORRELATION_ID, _F_REPLY_TO, _F_EXPIRATION, _F_MESSAGE_ID
 cdef void _u16(bytearray out, unsigned int value)
 cdef void _u32(bytearray out, unsigned long value)
 @cython.locals(data=bytes)
-cdef _shortstr(bytearray out, str text)
+cdef _shortstr(bytearray out, object text)
 
 
 cdef class FrameWriter:
@@ -22,8 +22,13 @@ cdef class FrameWriter:
 
     cdef _frame(self, int frame_type, payload)
 
-    @cython.locals(method=bytearray, props=bytearray, header=bytearray, flags=cython.uint,
-                   size=Py_ssize_t, limit=Py_ssize_t, start=Py_ssize_t)
+    @cython.locals(mark=Py_ssize_t)
     cpdef publish(self, str exchange, str routing_key, bytes body, bint mandatory=*,
                   content_type=*, content_encoding=*, headers=*, int delivery_mode=*, int priority=*,
                   correlation_id=*, reply_to=*, expiration=*, message_id=*)
+
+    @cython.locals(method=bytearray, props=bytearray, header=bytearray, flags=cython.uint,
+                   size=Py_ssize_t, limit=Py_ssize_t, start=Py_ssize_t)
+    cdef _publish(self, str exchange, str routing_key, bytes body, bint mandatory, content_type,
+                  content_encoding, headers, int delivery_mode, int priority, correlation_id, reply_to,
+                  expiration, message_id)

@@ -54,6 +54,8 @@ def _u32(out: bytearray, value: int) -> None:
 
 
 def _shortstr(out: bytearray, text: str) -> None:
+    if not isinstance(text, str):
+        raise TypeError(f'AMQP short string must be a str, not {type(text).__name__}')
     data = text.encode('utf-8', 'surrogatepass')
     if len(data) > 255:
         raise ValueError(f'AMQP short string longer than 255 bytes: {text[:40]!r}...')
@@ -101,8 +103,22 @@ class FrameWriter:
         """Append one message: ``basic.publish``, its content header and its body frames.
 
         ``headers`` is an encoded field table without its length prefix (``b''``: empty);
-        ``delivery_mode`` 0 and ``priority`` -1 leave those properties out.
+        ``delivery_mode`` 0 and ``priority`` -1 leave those properties out. All or nothing: a
+        field that cannot be encoded raises and leaves the buffer as it was.
         """
+        mark = len(self._out)
+        try:
+            self._publish(exchange, routing_key, body, mandatory, content_type, content_encoding, headers,
+                          delivery_mode, priority, correlation_id, reply_to, expiration, message_id)
+        except BaseException:
+            del self._out[mark:]
+            raise
+        self.written += 1
+
+    def _publish(self, exchange: str, routing_key: str, body: bytes, mandatory: bool,
+                 content_type: Optional[str], content_encoding: Optional[str], headers: Optional[bytes],
+                 delivery_mode: int, priority: int, correlation_id: Optional[str], reply_to: Optional[str],
+                 expiration: Optional[str], message_id: Optional[str]) -> None:
         method = self._scratch
         del method[:]
         method += _PUBLISH
@@ -160,4 +176,3 @@ class FrameWriter:
             view = memoryview(body)
             for start in range(0, size, limit):
                 self._frame(_FRAME_BODY, bytes(view[start:start + limit]))
-        self.written += 1

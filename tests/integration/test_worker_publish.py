@@ -141,3 +141,34 @@ def test_gathered_results_lost_with_their_connection_are_reported(broker_url, cl
         app.close()
     assert AsyncResult(first, backend=client).get(timeout=15) == 0
     assert [AsyncResult(task_id, backend=client).get(timeout=15) for task_id in gathered] == [2] * 6
+
+
+def test_confirms_on_a_virtual_transport_publish_once_without_error(memory_app):
+    """kombu's virtual transports have no publisher confirms: with them switched on, a result is
+    published once and the publish returns."""
+    memory_app.conf.result_publish_confirm = True
+    worker = memory_app.create_backend()
+    try:
+        task_id = new_id()
+        worker.store_result(task_id, 5, 'SUCCESS', request=request_for(memory_app.backend, task_id))
+        assert worker.worker_stats()['published'] == 1
+        assert AsyncResult(task_id, backend=memory_app.backend).get(timeout=10) == 5
+    finally:
+        worker.close()
+
+
+def test_waiting_for_confirms_without_a_confirm_timeout(broker_url, client):
+    client.result_consumer.start()
+    app = make_app(broker_url, result_publish_confirm=True, result_publish_confirm_timeout=None)
+    worker = app.create_backend()
+    try:
+        task_id = new_id()
+        with worker.publisher.gathering() as refused:
+            worker.store_result(task_id, 6, 'SUCCESS', request=request_for(client, task_id))
+        assert refused == []
+        assert worker.publisher.wait_confirms() == []
+        assert worker.worker_stats()['unconfirmed'] == 0
+    finally:
+        worker.close()
+        app.close()
+    assert AsyncResult(task_id, backend=client).get(timeout=15) == 6

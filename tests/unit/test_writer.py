@@ -116,6 +116,21 @@ def test_bad_arguments_are_refused(twin: Twin) -> None:
     assert writer.written == 0
 
 
+@pytest.mark.parametrize('bad', [{'correlation_id': 'x' * 300}, {'correlation_id': 7}, {'reply_to': b'raw'}])
+def test_a_field_that_cannot_be_encoded_leaves_the_buffer_as_it_was(twin: Twin, bad: Dict[str, Any]) -> None:
+    """A refused message writes nothing: no half message goes out ahead of the next one."""
+    writer = twin.writer.FrameWriter(1, 131072)
+    writer.publish('', 'q', b'first', correlation_id='1')
+    before = writer.pending
+    with pytest.raises((ValueError, TypeError)):
+        writer.publish('', 'q', b'refused', **bad)
+    assert writer.pending == before and writer.written == 1
+    writer.publish('', 'q', b'next', correlation_id='2')
+    expected = (py_amqp_bytes(1, 131072, '', 'q', b'first', False, {'correlation_id': '1'})
+                + py_amqp_bytes(1, 131072, '', 'q', b'next', False, {'correlation_id': '2'}))
+    assert writer.take() == expected
+
+
 short = st.text(max_size=40)
 optional_short = st.none() | short
 header_values = st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.text(max_size=20)
